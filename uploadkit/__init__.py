@@ -1,0 +1,9 @@
+"""uploadkit: streaming multipart uploads for any WSGI app."""
+
+from .errors import UploadError
+from .files import FileInfo, UploadedFile
+from .handlers import SKIP, UploadHandler
+from .limits import Limits
+
+__all__ = ["Limits", "UploadError", "UploadedFile", "FileInfo", "UploadHandler", "SKIP"]
+__version__ = "0.1.0"

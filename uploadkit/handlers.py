@@ -1,0 +1,314 @@
+"""The plug point: handlers that every file's bytes stream through.
+
+A request's handlers form a chain, built fresh for each request (they hold
+per-request state). The pipeline (:mod:`uploadkit.pipeline`) drives them:
+
+``request_start(ctx)``
+    once, before the first part.
+``file_start(info)``
+    once a file's first bytes are in ``info.head``; return :data:`SKIP` to drop
+    the file (handlers that already started it get ``file_skipped``), raise an
+    :class:`~uploadkit.errors.UploadError` to refuse the request.
+``receive(info, chunk)``
+    each chunk, in chain order; return the chunk (or a transformed one) to pass
+    it on, or ``None`` to stop it here (a sink keeps it).
+``flush(info)``
+    at the file's end: bytes a transforming handler held back, passed on to the
+    handlers after it.
+``file_end(info)``
+    on every handler; the first :class:`~uploadkit.files.UploadedFile` returned
+    is the file.
+``request_end(ctx)``
+    after the last part; may still refuse. Sinks commit here, so they go last.
+``close(ctx)``
+    when the response is closed (or the app raised): release temp files.
+``abort(ctx, exc)``
+    on **every** handler for any refusal, error or disconnect: release exactly
+    what this handler opened. It must not raise.
+
+Handlers return values instead of raising to steer each other; only refusals
+raise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import tempfile
+import threading
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
+
+from .errors import QuotaExceeded, UnsupportedType, format_size
+from .files import FileInfo, UploadedFile, bytes_opener, path_opener
+from .sniffing import check_type, sniff
+
+if TYPE_CHECKING:
+    from .pipeline import RequestContext
+
+
+class _Skip:
+    def __repr__(self) -> str:
+        return "SKIP"
+
+
+#: Returned from ``file_start`` to drop a file: its bytes are read and discarded.
+SKIP: Any = _Skip()
+
+
+class UploadHandler:
+    """Base class with do-nothing hooks: override what you need."""
+
+    def request_start(self, ctx: "RequestContext") -> None:
+        pass
+
+    def file_start(self, info: FileInfo) -> Any:
+        return None
+
+    def file_skipped(self, info: FileInfo) -> None:
+        pass
+
+    def receive(self, info: FileInfo, chunk: bytes) -> Optional[bytes]:
+        return chunk
+
+    def flush(self, info: FileInfo) -> Optional[bytes]:
+        return None
+
+    def file_end(self, info: FileInfo) -> Optional[UploadedFile]:
+        return None
+
+    def request_end(self, ctx: "RequestContext") -> None:
+        pass
+
+    def close(self, ctx: "RequestContext") -> None:
+        pass
+
+    def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:
+        pass
+
+
+class SniffingHandler(UploadHandler):
+    """Sets ``info.content_type`` from the file's first bytes and enforces
+    ``Limits.allowed_types`` before a single byte is stored."""
+
+    def request_start(self, ctx: "RequestContext") -> None:
+        self.limits = ctx.limits
+
+    def file_start(self, info: FileInfo) -> Any:
+        sniffed = sniff(info.head)
+        if sniffed:
+            info.content_type = sniffed
+        problem = check_type(info, sniffed, self.limits)
+        if problem:
+            raise UnsupportedType(problem, field=info.field_name,
+                                  limit=sorted(self.limits.allowed_types or ()))
+        return None
+
+
+class _HashWorker(threading.Thread):
+    """Feeds chunks to hash objects on a second core.
+
+    hashlib releases the GIL for buffers over 2 KiB, so hashing here runs beside
+    the parse and the write. The queue is bounded so a slow hash cannot let
+    chunks pile up in memory.
+    """
+
+    def __init__(self, hashers: List[Any], depth: int) -> None:
+        super().__init__(name="uploadkit-hash", daemon=True)
+        self.hashers = hashers
+        self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=depth)
+        self.start()
+
+    def run(self) -> None:
+        hashers = self.hashers
+        get = self.queue.get
+        while True:
+            chunk = get()
+            if chunk is None:
+                return
+            for h in hashers:
+                h.update(chunk)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
+
+
+class HashingHandler(UploadHandler):
+    """Computes sha256 (and md5 on request) while the file streams.
+
+    Small files are hashed inline; once a file passes ``offload_after`` bytes the
+    rest is hashed on a worker thread, so a large upload costs no more than the
+    slower of parsing and hashing.
+    """
+
+    def __init__(self, sha256: bool = True, md5: bool = False,
+                 offload_after: int = 1024 * 1024, queue_depth: int = 8) -> None:
+        self.algorithms = [a for a, on in (("sha256", sha256), ("md5", md5)) if on]
+        self.offload_after = offload_after
+        self.queue_depth = queue_depth
+        self._hashers: List[Any] = []
+        self._worker: Optional[_HashWorker] = None
+        self._seen = 0
+
+    def file_start(self, info: FileInfo) -> Any:
+        self._hashers = [hashlib.new(a) for a in self.algorithms]
+        self._worker = None
+        self._seen = 0
+        return None
+
+    def receive(self, info: FileInfo, chunk: bytes) -> Optional[bytes]:
+        worker = self._worker
+        if worker is not None:
+            worker.queue.put(chunk)
+            return chunk
+        for h in self._hashers:
+            h.update(chunk)
+        self._seen += len(chunk)
+        if self._seen >= self.offload_after and self._hashers:
+            self._worker = _HashWorker(self._hashers, self.queue_depth)
+        return chunk
+
+    def file_end(self, info: FileInfo) -> Optional[UploadedFile]:
+        if self._worker is not None:
+            self._worker.finish()
+            self._worker = None
+        for a, h in zip(self.algorithms, self._hashers):
+            setattr(info, a, h.hexdigest())
+        return None
+
+    def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:
+        if self._worker is not None:
+            self._worker.finish()
+            self._worker = None
+
+
+class QuotaHandler(UploadHandler):
+    """Refuses the request once its files pass what the caller may still store.
+
+    ``quota(environ)`` returns the bytes left for this caller, or None for no quota.
+    """
+
+    def __init__(self, quota: Callable[[Any], Optional[int]]) -> None:
+        self.quota = quota
+        self.left: Optional[int] = None
+        self.used = 0
+
+    def request_start(self, ctx: "RequestContext") -> None:
+        # CONTENT_LENGTH bounds the files' bytes from above, not below, so the
+        # quota can only be judged as the bytes arrive.
+        self.left = self.quota(ctx.environ)
+
+    def receive(self, info: FileInfo, chunk: bytes) -> Optional[bytes]:
+        if self.left is not None:
+            self.used += len(chunk)
+            if self.used > self.left:
+                raise QuotaExceeded(
+                    f"the upload needs more than the {format_size(self.left)} left in your quota",
+                    field=info.field_name, limit=self.left)
+        return chunk
+
+
+class MemoryHandler(UploadHandler):
+    """Keeps small files in memory, up to ``threshold`` bytes for the whole request.
+
+    A file that would pass the budget is handed on (what was held and the new
+    chunk) to the next handler, usually :class:`TempFileHandler`.
+    """
+
+    def __init__(self, threshold: int = 2_621_440) -> None:  # 2.5 MiB, Django's default
+        self.threshold = threshold
+        self.held = 0
+        self._chunks: Optional[List[bytes]] = None
+
+    def file_start(self, info: FileInfo) -> Any:
+        self._chunks = []
+        return None
+
+    def receive(self, info: FileInfo, chunk: bytes) -> Optional[bytes]:
+        chunks = self._chunks
+        if chunks is None:
+            return chunk
+        if self.held + len(chunk) <= self.threshold:
+            chunks.append(chunk)
+            self.held += len(chunk)
+            return None
+        self._chunks = None
+        self.held -= sum(map(len, chunks))
+        if chunks:
+            chunks.append(chunk)
+            return b"".join(chunks)
+        return chunk
+
+    def file_end(self, info: FileInfo) -> Optional[UploadedFile]:
+        chunks, self._chunks = self._chunks, None
+        if chunks is None:
+            return None
+        data = b"".join(chunks)
+        return UploadedFile.from_info(info, bytes_opener(data), size=len(data))
+
+    def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:
+        self._chunks = None
+
+
+class TempFileHandler(UploadHandler):
+    """Writes files to temp files in ``tempdir``, removed when the response closes.
+
+    The temp file is created on the first byte that reaches this handler, so a
+    file an earlier handler kept (in memory, say) leaves no empty file behind.
+    """
+
+    def __init__(self, tempdir: Optional[str] = None, prefix: str = "uploadkit-") -> None:
+        self.tempdir = tempdir
+        self.prefix = prefix
+        self.paths: List[str] = []
+        self._file: Optional[Any] = None
+        self._size = 0
+
+    def _open(self) -> Any:
+        fd, path = tempfile.mkstemp(prefix=self.prefix, suffix=".part", dir=self.tempdir)
+        self.paths.append(path)
+        return os.fdopen(fd, "wb")
+
+    def file_start(self, info: FileInfo) -> Any:
+        self._file = None
+        self._size = 0
+        return None
+
+    def receive(self, info: FileInfo, chunk: bytes) -> Optional[bytes]:
+        f = self._file
+        if f is None:
+            f = self._file = self._open()
+        f.write(chunk)
+        self._size += len(chunk)
+        return None
+
+    def file_end(self, info: FileInfo) -> Optional[UploadedFile]:
+        f, self._file = self._file, None
+        if f is None:
+            if info.file is not None:
+                return None
+            f = self._open()  # an empty file nobody kept
+        f.close()
+        path = self.paths[-1]
+        return UploadedFile.from_info(info, path_opener(path), size=self._size, path=path)
+
+    def _remove_all(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        for path in self.paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.paths.clear()
+
+    def close(self, ctx: "RequestContext") -> None:
+        self._remove_all()
+
+    def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:
+        self._remove_all()

@@ -1,0 +1,204 @@
+"""Drives a chain of handlers through one request: the station between the
+parser's events and the sinks that keep the bytes.
+
+The pipeline knows nothing of multipart or WSGI: a multipart body, a bare PUT
+or a resumable upload all drive it with the same calls (``start``,
+``add_field``, ``start_file``/``feed``/``end_file``, ``finish``, then ``close``
+or ``abort``). It enforces the per-file limits itself, so a custom chain of
+handlers cannot forget them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+from wsgiref.headers import Headers
+
+from .errors import FileTooLarge, UploadError, format_size
+from .files import FileInfo, UploadedFile
+from .filenames import sanitize_filename
+from .handlers import SKIP, UploadHandler
+from .limits import Limits
+from .progress import NULL_PROGRESS, ProgressListener
+from .sniffing import HEAD_SIZE, normalize_type
+
+log = logging.getLogger("uploadkit")
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """What one request's handlers share."""
+
+    limits: Limits
+    #: The WSGI environ, or None when driven outside WSGI.
+    environ: Optional[Dict[str, Any]] = None
+    #: Declared body size; None for a chunked body.
+    content_length: Optional[int] = None
+    #: Finished files, in body order.
+    files: List[UploadedFile] = field(default_factory=list)
+    #: Text fields, in body order.
+    fields: List[Tuple[str, str]] = field(default_factory=list)
+    #: Free space for handlers that need to talk to each other.
+    state: Dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """One request's run through ``handlers``.
+
+    :raises UploadError: from any call, when a limit or a handler refuses; the
+        caller then calls :meth:`abort`.
+    """
+
+    def __init__(self, handlers: Sequence[UploadHandler], ctx: RequestContext,
+                 progress: ProgressListener = NULL_PROGRESS, head_size: int = HEAD_SIZE) -> None:
+        self.handlers = list(handlers)
+        self.ctx = ctx
+        self.progress = progress
+        self.head_size = head_size
+        self._info: Optional[FileInfo] = None
+        self._pending: Optional[List[bytes]] = None  # bytes before file_start
+        self._pending_len = 0
+        self._skipped = False
+        self._file_count = 0
+        self._ended = False
+
+    # -- request ---------------------------------------------------------
+
+    def start(self) -> None:
+        self.progress.start(self.ctx)
+        for h in self.handlers:
+            h.request_start(self.ctx)
+
+    def add_field(self, name: str, value: str) -> None:
+        self.ctx.fields.append((name, value))
+
+    def finish(self) -> None:
+        """After the last part: handlers may still refuse, then sinks commit."""
+        if self._info is not None:
+            raise RuntimeError("finish() called inside a file")
+        self.progress.processing()
+        for h in self.handlers:
+            h.request_end(self.ctx)
+        self.progress.done(self.ctx)
+
+    def close(self) -> None:
+        """The response is over: handlers release temp files. Idempotent."""
+        if self._ended:
+            return
+        self._ended = True
+        for h in self.handlers:
+            try:
+                h.close(self.ctx)
+            except Exception:
+                log.exception("uploadkit: %s.close failed", type(h).__name__)
+
+    def abort(self, exc: Optional[BaseException]) -> None:
+        """Every handler releases what it opened. Idempotent; never raises."""
+        if self._ended:
+            return
+        self._ended = True
+        self._info = None
+        self._pending = None
+        for h in self.handlers:
+            try:
+                h.abort(self.ctx, exc)
+            except Exception:
+                log.exception("uploadkit: %s.abort failed", type(h).__name__)
+        if isinstance(exc, UploadError):
+            try:
+                self.progress.error(exc)
+            except Exception:
+                log.exception("uploadkit: progress listener failed")
+
+    # -- files -----------------------------------------------------------
+
+    def start_file(self, field_name: str, raw_filename: str, declared_type: str = "",
+                   headers: Optional[Headers] = None) -> FileInfo:
+        declared = normalize_type(declared_type) if declared_type else ""
+        info = FileInfo(
+            field_name=field_name,
+            filename=sanitize_filename(raw_filename, self.ctx.limits.max_filename_length),
+            raw_filename=raw_filename,
+            declared_type=declared,
+            content_type=declared or "application/octet-stream",
+            headers=headers if headers is not None else Headers([]),
+            index=self._file_count,
+        )
+        self._file_count += 1
+        self._info = info
+        self._pending = []
+        self._pending_len = 0
+        self._skipped = False
+        self.progress.file_start(info)
+        return info
+
+    def feed(self, data: bytes) -> None:
+        info = self._info
+        assert info is not None, "feed() outside a file"
+        info.size += len(data)
+        limit = self.ctx.limits.max_file_size
+        if limit is not None and info.size > limit:
+            raise FileTooLarge(
+                f"file {info.filename!r} is larger than the limit of {format_size(limit)}",
+                field=info.field_name, limit=limit)
+        pending = self._pending
+        if pending is not None:
+            pending.append(data)
+            self._pending_len += len(data)
+            if self._pending_len < self.head_size:
+                return
+            data = self._begin()
+        if not self._skipped:
+            self._push(data, 0)
+
+    def end_file(self) -> Optional[UploadedFile]:
+        info = self._info
+        assert info is not None, "end_file() outside a file"
+        if self._pending is not None:
+            data = self._begin()
+            if data and not self._skipped:
+                self._push(data, 0)
+        self._info = None
+        if self._skipped:
+            return None
+        handlers = self.handlers
+        for i, h in enumerate(handlers):
+            tail = h.flush(info)
+            if tail:
+                self._push_from(info, tail, i + 1)
+        for h in handlers:
+            result = h.file_end(info)
+            if result is not None and info.file is None:
+                info.file = result
+        info.head = b""
+        self.progress.file_end(info)
+        if info.file is not None:
+            self.ctx.files.append(info.file)
+        return info.file
+
+    def _begin(self) -> bytes:
+        """Call every file_start once the head is known; return the held bytes."""
+        info = self._info
+        assert info is not None and self._pending is not None
+        data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
+        self._pending = None
+        info.head = data[: self.head_size]
+        for i, h in enumerate(self.handlers):
+            if h.file_start(info) is SKIP:
+                for started in self.handlers[:i]:
+                    started.file_skipped(info)
+                self._skipped = True
+                break
+        return data
+
+    def _push(self, chunk: bytes, start: int) -> None:
+        info = self._info
+        assert info is not None
+        self._push_from(info, chunk, start)
+
+    def _push_from(self, info: FileInfo, chunk: Optional[bytes], start: int) -> None:
+        for h in self.handlers[start:] if start else self.handlers:
+            chunk = h.receive(info, chunk)  # type: ignore[arg-type]
+            if chunk is None:
+                return
