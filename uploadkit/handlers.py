@@ -39,7 +39,7 @@ import tempfile
 import threading
 from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
-from .errors import QuotaExceeded, UnsupportedType, format_size
+from .errors import QuotaExceeded, StorageUnavailable, UnsupportedType, format_size
 from .files import FileInfo, UploadedFile, bytes_opener, path_opener
 from .sniffing import check_type, sniff
 
@@ -266,7 +266,10 @@ class TempFileHandler(UploadHandler):
         self._size = 0
 
     def _open(self) -> Any:
-        fd, path = tempfile.mkstemp(prefix=self.prefix, suffix=".part", dir=self.tempdir)
+        try:
+            fd, path = tempfile.mkstemp(prefix=self.prefix, suffix=".part", dir=self.tempdir)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot create a temp file: {exc.strerror or exc}") from None
         self.paths.append(path)
         return os.fdopen(fd, "wb")
 
@@ -279,7 +282,10 @@ class TempFileHandler(UploadHandler):
         f = self._file
         if f is None:
             f = self._file = self._open()
-        f.write(chunk)
+        try:
+            f.write(chunk)
+        except OSError as exc:  # disk full, quota, I/O error
+            raise StorageUnavailable(f"writing a temp file failed: {exc.strerror or exc}") from None
         self._size += len(chunk)
         return None
 
@@ -289,7 +295,10 @@ class TempFileHandler(UploadHandler):
             if info.file is not None:
                 return None
             f = self._open()  # an empty file nobody kept
-        f.close()
+        try:
+            f.close()
+        except OSError as exc:
+            raise StorageUnavailable(f"writing a temp file failed: {exc.strerror or exc}") from None
         path = self.paths[-1]
         return UploadedFile.from_info(info, path_opener(path), size=self._size, path=path)
 
@@ -312,3 +321,26 @@ class TempFileHandler(UploadHandler):
 
     def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:
         self._remove_all()
+
+
+def default_handlers(*, tempdir: Optional[str] = None, memory_threshold: int = 2_621_440,
+                     sha256: bool = True, md5: bool = False,
+                     quota: Optional[Callable[[Any], Optional[int]]] = None,
+                     storage: Any = None, thumbnails: Any = None) -> List[UploadHandler]:
+    """A fresh chain in the order that makes every guarantee hold: sniff and
+    refuse before storing, hash before the sink reads ``info.sha256``, thumbnails
+    before the sink commits, the sink last."""
+    chain: List[UploadHandler] = [SniffingHandler()]
+    if sha256 or md5:
+        chain.append(HashingHandler(sha256=sha256, md5=md5))
+    if quota is not None:
+        chain.append(QuotaHandler(quota))
+    if thumbnails is not None:
+        chain.append(thumbnails.handler(storage))
+    if storage is not None:
+        chain.append(storage.handler())
+    else:
+        if memory_threshold > 0:
+            chain.append(MemoryHandler(memory_threshold))
+        chain.append(TempFileHandler(tempdir))
+    return chain

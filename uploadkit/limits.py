@@ -26,6 +26,9 @@ class Limits:
     max_parts: Optional[int] = 1000
     #: One text field's value: text fields are held in memory, files are not.
     max_field_size: Optional[int] = 1 * MiB
+    #: All text fields together: they are held in memory, so 1000 parts of
+    #: 1 MiB must not add up to a gigabyte.
+    max_form_memory: Optional[int] = 8 * MiB
     #: One part's header block: RFC 7578 needs about three short lines.
     max_header_size: int = 8 * 1024
     #: Header lines per part: RFC 7578 allows just three.
@@ -36,7 +39,8 @@ class Limits:
     max_filename_length: int = 255
 
     def __post_init__(self) -> None:
-        for name in ("max_request_size", "max_file_size", "max_files", "max_parts", "max_field_size"):
+        for name in ("max_request_size", "max_file_size", "max_files", "max_parts", "max_field_size",
+                     "max_form_memory"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"Limits.{name} must be a non-negative int or None, not {value!r}")

@@ -1,0 +1,342 @@
+"""The sans-io multipart/form-data decoder: bytes in, events out.
+
+Built on ``multipart``'s :class:`~multipart.PushMultipartParser` (the fastest
+maintained engine), this layer adds what a form upload needs and the engine
+leaves out: the file/field split (RFC 7578 ``filename``, then RFC 5987
+``filename*``), buffering of text fields under limits, refusal of duplicate
+``Content-Disposition`` headers and of parts without a name, and typed errors.
+It imports nothing of WSGI, files or sockets, so it can be tested one byte at a
+time.
+
+Beside the decoder, :func:`encode_multipart` builds bodies: the middleware uses
+it to re-encode the form for the app, tests use it for round trips.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from urllib.parse import unquote_to_bytes
+
+from multipart import MultipartError, MultipartSegment, ParserLimitReached, PushMultipartParser
+
+from .errors import (
+    FieldTooLarge,
+    HeaderTooLarge,
+    MalformedMultipart,
+    TooManyFiles,
+    TooManyParts,
+    UploadError,
+    format_size,
+)
+from .limits import Limits
+
+HeaderList = Tuple[Tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Field:
+    """A complete text field."""
+
+    name: str
+    value: str
+    headers: HeaderList = ()
+
+
+@dataclass(frozen=True)
+class FileStart:
+    """A file part begins. ``filename`` is raw, as sent (``filename*`` decoded)."""
+
+    name: str
+    filename: str
+    content_type: str
+    headers: HeaderList = ()
+
+
+@dataclass(frozen=True)
+class FileData:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class FileEnd:
+    pass
+
+
+Event = Union[Field, FileStart, FileData, FileEnd]
+_FILE_END = FileEnd()
+
+
+class State(enum.Enum):
+    PREAMBLE = "preamble"  # before the first part's headers are complete
+    FIELD = "field"  # inside a text field's body
+    FILE = "file"  # inside a file's body
+    SKIP = "skip"  # inside a part we drop (empty "no file selected" part)
+    BETWEEN = "between"  # after a part, before the next one's headers end
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+_BOUNDARY_RE = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
+_FILENAME_STAR_RE = re.compile(r"""(?:^|;)\s*filename\*\s*=\s*([^;]*)""", re.IGNORECASE)
+_ALLOWED_ENCODINGS = frozenset(["", "7bit", "8bit", "binary"])
+#: Bytes of preamble tolerated before the first boundary (RFC 2046 allows one;
+#: nobody sends a large one, and scanning it costs the reader's time).
+PREAMBLE_LIMIT = 64 * 1024
+
+
+def parse_boundary(content_type: str) -> bytes:
+    """The boundary of a ``multipart/form-data`` Content-Type header.
+
+    :raises MalformedMultipart: not multipart/form-data, or a missing or invalid
+        boundary (RFC 2046: 1-70 characters from a small set).
+    """
+    mime, _, params = content_type.partition(";")
+    if mime.strip().lower() != "multipart/form-data":
+        raise MalformedMultipart(f"expected multipart/form-data, got {mime.strip()!r}")
+    boundary = None
+    for param in params.split(";"):
+        key, eq, value = param.strip().partition("=")
+        if eq and key.strip().lower() == "boundary":
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            boundary = value
+    if not boundary:
+        raise MalformedMultipart("the Content-Type header has no boundary")
+    if not _BOUNDARY_RE.match(boundary):
+        raise MalformedMultipart(f"invalid multipart boundary {boundary[:80]!r}")
+    return boundary.encode("latin-1")
+
+
+def _decode_filename_star(value: str) -> Optional[str]:
+    """RFC 5987 ``charset'lang'percent-encoded`` -> str, or None if unreadable."""
+    value = value.strip().strip('"')
+    charset, q1, rest = value.partition("'")
+    _lang, q2, encoded = rest.partition("'")
+    if not (q1 and q2):
+        return None
+    charset = charset.strip().lower() or "utf-8"
+    if charset not in ("utf-8", "iso-8859-1", "latin-1", "us-ascii"):
+        return None
+    try:
+        return unquote_to_bytes(encoded).decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        return None
+
+
+class MultipartDecoder:
+    """Incremental decoder for one ``multipart/form-data`` body.
+
+    Call :meth:`feed` with each chunk as it arrives, then :meth:`close`. The
+    first error is kept: later calls raise it again, so a caller that ignores
+    one cannot read on past it.
+
+    :raises MalformedMultipart: the body is not valid multipart/form-data.
+    :raises TooManyParts, TooManyFiles, FieldTooLarge, HeaderTooLarge: a limit.
+    """
+
+    def __init__(self, boundary: Union[bytes, str], limits: Limits = Limits(),
+                 charset: str = "utf-8") -> None:
+        if isinstance(boundary, str):
+            boundary = boundary.encode("latin-1")
+        self.limits = limits
+        self.charset = charset
+        self.state = State.PREAMBLE
+        self.error: Optional[UploadError] = None
+        self._parser = PushMultipartParser(
+            boundary,
+            max_header_size=limits.max_header_size,
+            max_header_count=limits.max_header_count,
+        )
+        self._parts = 0
+        self._files = 0
+        self._form_bytes = 0
+        self._fed = 0
+        self._segment: Optional[MultipartSegment] = None
+        self._field: List[bytes] = []
+        self._field_size = 0
+        self._field_charset = charset
+
+    def feed(self, chunk: bytes) -> List[Event]:
+        """Decode one chunk (``bytes`` or ``bytearray``) and return the events it completes."""
+        if self.error is not None:
+            raise self.error
+        if not chunk:
+            return []
+        self._fed += len(chunk)
+        events: List[Event] = []
+        try:
+            for item in self._parser.parse(chunk):
+                self._on_item(item, events)
+            if self.state is State.PREAMBLE and self._fed > PREAMBLE_LIMIT + self._header_budget():
+                raise MalformedMultipart("no multipart boundary found at the start of the body")
+        except MultipartError as exc:
+            raise self._fail(self._translate(exc)) from None
+        except UploadError as exc:
+            raise self._fail(exc) from None
+        return events
+
+    def close(self) -> List[Event]:
+        """Signal the end of the body.
+
+        :raises MalformedMultipart: the final boundary was never seen.
+        """
+        if self.error is not None:
+            raise self.error
+        if self.state is State.COMPLETE:
+            return []
+        try:
+            self._parser.close(check_complete=True)
+        except MultipartError:
+            where = "before the first part" if self._parts == 0 else f"inside part {self._parts}"
+            raise self._fail(MalformedMultipart(f"the body ended {where}, before the final boundary")) from None
+        self.state = State.COMPLETE
+        return []
+
+    # -- internals ---------------------------------------------------------
+
+    def _header_budget(self) -> int:
+        return self.limits.max_header_size * self.limits.max_header_count
+
+    def _fail(self, exc: UploadError) -> UploadError:
+        self.error = exc
+        self.state = State.FAILED
+        return exc
+
+    def _translate(self, exc: MultipartError) -> UploadError:
+        text = str(exc.args[0]) if exc.args else str(exc)
+        if isinstance(exc, ParserLimitReached) and "header" in text.lower():
+            return HeaderTooLarge(
+                f"part {self._parts + 1}: {text.lower()} (limits: {self.limits.max_header_size} bytes a line,"
+                f" {self.limits.max_header_count} lines)",
+                limit=self.limits.max_header_size)
+        return MalformedMultipart(f"part {max(self._parts, 1)}: {text}")
+
+    def _on_item(self, item: object, events: List[Event]) -> None:
+        state = self.state
+        if type(item) is bytes:
+            if state is State.FILE:
+                events.append(FileData(item))
+            elif state is State.FIELD:
+                self._field_size += len(item)
+                self._form_bytes += len(item)
+                self._check_field()
+                self._field.append(item)
+            elif state is State.SKIP:
+                # An empty-filename part turned out to have a body: it is a
+                # text field after all (RFC 7578 makes a part a file by name).
+                self.state = State.FIELD
+                self._on_item(item, events)
+            return
+        if item is None:
+            self._end_part(events)
+            return
+        self._start_part(item, events)  # type: ignore[arg-type]
+
+    def _start_part(self, segment: MultipartSegment, events: List[Event]) -> None:
+        limits = self.limits
+        self._parts += 1
+        if limits.max_parts is not None and self._parts > limits.max_parts:
+            raise TooManyParts(f"the body has more than {limits.max_parts} parts", limit=limits.max_parts)
+        headers = tuple(segment.headerlist)
+        dispositions = [v for k, v in headers if k == "Content-Disposition"]
+        if len(dispositions) != 1:
+            raise MalformedMultipart(f"part {self._parts} has {len(dispositions)} Content-Disposition headers")
+        if not segment.name:
+            raise MalformedMultipart(f"part {self._parts} has no field name")
+        block = sum(len(k) + len(v) + 4 for k, v in headers)
+        if block > limits.max_header_size:
+            raise HeaderTooLarge(
+                f"part {self._parts}: headers of {block} bytes; the limit is {limits.max_header_size}",
+                field=segment.name, limit=limits.max_header_size)
+        encoding = (segment.header("Content-Transfer-Encoding") or "").strip().lower()
+        if encoding not in _ALLOWED_ENCODINGS:
+            raise MalformedMultipart(
+                f"part {self._parts} ({segment.name!r}) uses Content-Transfer-Encoding {encoding!r},"
+                " which RFC 7578 deprecates; send the bytes as they are", field=segment.name)
+        filename = segment.filename
+        if not filename:
+            match = _FILENAME_STAR_RE.search(dispositions[0])
+            if match:
+                filename = _decode_filename_star(match.group(1)) or filename
+        self._segment = segment
+        if filename:
+            self._files += 1
+            if limits.max_files is not None and self._files > limits.max_files:
+                raise TooManyFiles(f"the body has more than {limits.max_files} files",
+                                   field=segment.name, limit=limits.max_files)
+            self.state = State.FILE
+            events.append(FileStart(segment.name, filename, segment.content_type or "", headers))
+            return
+        self._field = []
+        self._field_size = 0
+        self._field_charset = segment.charset or self.charset
+        # filename="" is a browser's "no file selected": skipped if its body is empty.
+        self.state = State.SKIP if filename == "" else State.FIELD
+
+    def _check_field(self) -> None:
+        limits = self.limits
+        name = self._segment.name if self._segment else None
+        if limits.max_field_size is not None and self._field_size > limits.max_field_size:
+            raise FieldTooLarge(
+                f"field {name!r} is larger than the limit of {format_size(limits.max_field_size)}",
+                field=name, limit=limits.max_field_size)
+        if limits.max_form_memory is not None and self._form_bytes > limits.max_form_memory:
+            raise FieldTooLarge(
+                f"the text fields add up to more than {format_size(limits.max_form_memory)}",
+                field=name, limit=limits.max_form_memory)
+
+    def _end_part(self, events: List[Event]) -> None:
+        state = self.state
+        segment = self._segment
+        assert segment is not None
+        if state is State.FILE:
+            events.append(_FILE_END)
+        elif state is State.FIELD:
+            raw = self._field[0] if len(self._field) == 1 else b"".join(self._field)
+            try:
+                value = raw.decode(self._field_charset, "replace")
+            except LookupError:
+                value = raw.decode(self.charset, "replace")
+            events.append(Field(segment.name or "", value, tuple(segment.headerlist)))
+            self._field = []
+        self._segment = None
+        self.state = State.BETWEEN
+
+
+# -- encoding --------------------------------------------------------------
+
+FileTuple = Tuple[str, str, str, bytes]
+
+
+def new_boundary() -> str:
+    return "uploadkit-" + os.urandom(16).hex()
+
+
+def _quote(value: str) -> str:
+    # WHATWG's form encoding: escape CR, LF and the double quote by percent-encoding.
+    return value.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+
+
+def encode_multipart(fields: Iterable[Tuple[str, str]] = (), files: Sequence[FileTuple] = (),
+                     boundary: Optional[str] = None) -> Tuple[bytes, str]:
+    """Build a multipart/form-data body: ``(body, content_type)``.
+
+    Fields come first, then files, each in the given order.
+    """
+    boundary = boundary or new_boundary()
+    sep = b"--" + boundary.encode("latin-1")
+    out: List[bytes] = []
+    for name, value in fields:
+        out += [sep, b"\r\n", f'Content-Disposition: form-data; name="{_quote(name)}"\r\n\r\n'.encode(),
+                value.encode("utf-8"), b"\r\n"]
+    for name, filename, ctype, data in files:
+        head = (f'Content-Disposition: form-data; name="{_quote(name)}"; filename="{_quote(filename)}"\r\n'
+                f"Content-Type: {ctype or 'application/octet-stream'}\r\n\r\n")
+        out += [sep, b"\r\n", head.encode("utf-8"), data, b"\r\n"]
+    out += [sep, b"--\r\n"]
+    return b"".join(out), f"multipart/form-data; boundary={boundary}"

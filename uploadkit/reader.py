@@ -1,0 +1,116 @@
+"""Reads a request body from a blocking stream and drives the decoder and the
+pipeline: the only station that does I/O on the client's bytes.
+
+It never reads past CONTENT_LENGTH, tells a short body (a client that went
+away) from a complete one, and counts the bytes of bodies that have no length
+(chunked, ``wsgi.input_terminated``).
+"""
+
+from __future__ import annotations
+
+from typing import IO, Any, Dict, Optional, Sequence
+
+from .errors import ClientDisconnected, LengthRequired, RequestTooLarge, UploadError, format_size
+from .handlers import UploadHandler, default_handlers
+from .limits import Limits
+from .multipart import Field, FileData, FileEnd, FileStart, MultipartDecoder, parse_boundary
+from .pipeline import Pipeline, RequestContext
+from .progress import NULL_PROGRESS, ProgressListener
+
+DEFAULT_READ_SIZE = 1 << 20  # large reads: fewer syscalls, bigger hash buffers
+
+
+def check_length(content_length: Optional[int], terminated: bool, limits: Limits) -> None:
+    """Refuse before reading a byte: no length at all, or a declared length over the limit.
+
+    :raises LengthRequired: neither CONTENT_LENGTH nor a terminated input stream.
+    :raises RequestTooLarge: CONTENT_LENGTH over ``limits.max_request_size``.
+    """
+    if content_length is None and not terminated:
+        raise LengthRequired("the request has no Content-Length; send one or use chunked encoding")
+    limit = limits.max_request_size
+    if limit is not None and content_length is not None and content_length > limit:
+        raise RequestTooLarge(
+            f"the request is {format_size(content_length)}; the limit is {format_size(limit)}",
+            limit=limit)
+
+
+def read_multipart(stream: IO[bytes], *, content_type: str, content_length: Optional[int],
+                   limits: Limits = Limits(), handlers: Optional[Sequence[UploadHandler]] = None,
+                   environ: Optional[Dict[str, Any]] = None,
+                   progress: ProgressListener = NULL_PROGRESS,
+                   read_size: int = DEFAULT_READ_SIZE, terminated: bool = False) -> Pipeline:
+    """Stream one multipart body through a handler chain.
+
+    Returns the finished :class:`Pipeline`: files in ``pipeline.ctx.files``, text
+    fields in ``pipeline.ctx.fields``. Call ``pipeline.close()`` once the files
+    are no longer needed (it removes temp files).
+
+    :param content_length: the declared length, or None for a body that ends
+        when the stream does (then ``terminated`` must be true).
+    :raises UploadError: any refusal; every handler has been aborted by then.
+    """
+    check_length(content_length, terminated, limits)
+    boundary = parse_boundary(content_type)
+    ctx = RequestContext(limits=limits, environ=environ, content_length=content_length)
+    chain = list(handlers) if handlers is not None else default_handlers()
+    pipeline = Pipeline(chain, ctx, progress)
+    decoder = MultipartDecoder(boundary, limits)
+    try:
+        pipeline.start()
+        _pump(stream, decoder, pipeline, content_length, limits, read_size, progress)
+        pipeline.finish()
+    except BaseException as exc:
+        pipeline.abort(exc)
+        raise
+    return pipeline
+
+
+def _pump(stream: IO[bytes], decoder: MultipartDecoder, pipeline: Pipeline,
+          content_length: Optional[int], limits: Limits, read_size: int,
+          progress: ProgressListener) -> None:
+    read = stream.read
+    feed = decoder.feed
+    limit = limits.max_request_size
+    received = 0
+    while True:
+        want = read_size if content_length is None else min(read_size, content_length - received)
+        if want <= 0:
+            break
+        try:
+            chunk = read(want)
+        except UploadError:
+            raise
+        except (OSError, ValueError) as exc:  # socket reset, timeout, closed input
+            raise ClientDisconnected(
+                f"reading the body failed after {received} bytes: {exc}") from None
+        if not chunk:
+            if content_length is not None:
+                raise ClientDisconnected(
+                    f"the body ended after {received} of {content_length} bytes")
+            break
+        if content_length is not None and len(chunk) > want:
+            chunk = chunk[:want]  # a server that hands out more than asked
+        received += len(chunk)
+        if limit is not None and received > limit:
+            raise RequestTooLarge(
+                f"the request is larger than the limit of {format_size(limit)}", limit=limit)
+        progress.advance(received, content_length)
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)
+        _dispatch(feed(chunk), pipeline)
+    _dispatch(decoder.close(), pipeline)
+
+
+def _dispatch(events: list, pipeline: Pipeline) -> None:  # type: ignore[type-arg]
+    for ev in events:
+        kind = type(ev)
+        if kind is FileData:
+            pipeline.feed(ev.data)
+        elif kind is Field:
+            pipeline.add_field(ev.name, ev.value)
+        elif kind is FileStart:
+            from wsgiref.headers import Headers
+            pipeline.start_file(ev.name, ev.filename, ev.content_type, Headers(list(ev.headers)))
+        elif kind is FileEnd:
+            pipeline.end_file()
