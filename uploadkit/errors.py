@@ -148,6 +148,14 @@ class ProgressUnavailable(UploadError):
     code = "progress_unavailable"
 
 
+class BadKey(UploadError, ValueError):
+    """A storage key that is empty, absolute, hidden, or could leave the storage
+    root (``..``, backslashes, empty segments, control characters)."""
+
+    status = 400
+    code = "bad_key"
+
+
 def format_size(n: int | float) -> str:
     """Render a byte count the way error messages quote limits: ``12.0 MiB``."""
     value = float(n)

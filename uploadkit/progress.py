@@ -1,14 +1,51 @@
 """Upload progress: the listener the pipeline calls, the stores it writes to,
-and the status route that progress bars poll."""
+and the status route that progress bars poll.
+
+The path of one progress update::
+
+    reader/pipeline -> StoreProgress (throttled) -> ProgressStore (memory | memcached)
+                                                          ^
+    browser  --GET <progress_path>?X-Progress-ID=id-->  ProgressApp  (JSON | JSONP | SSE)
+
+The status answers follow the convention of the nginx, Apache and lighttpd
+upload-progress modules (``starting``/``uploading``/``done``/``error`` with
+``received`` and ``size``), so their existing clients work unchanged; the
+extra keys (``rate``, ``eta``, ``started_at``, ``files``, the ``processing``
+state) are ignored by those clients.
+
+Progress is a convenience, never a reason to fail an upload: a listener
+swallows every store failure, and :class:`MemcachedStore` stops trying for a
+while (a circuit breaker) when memcached is down or slow, so an outage costs an
+upload at most one short timeout per retry period.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from importlib import resources
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List,
+                    Optional, Protocol, Sequence, Tuple, Union)
+from urllib.parse import parse_qsl
+
+from .errors import BadProgressId, ProgressUnavailable, UploadError
 
 if TYPE_CHECKING:
-    from .errors import UploadError
     from .files import FileInfo
     from .pipeline import RequestContext
+
+log = logging.getLogger("uploadkit.progress")
+
+Environ = Dict[str, Any]
+StartResponse = Callable[..., Any]
+ProgressValue = Dict[str, Any]
 
 
 class ProgressListener:
@@ -43,3 +80,791 @@ class ProgressListener:
 
 
 NULL_PROGRESS = ProgressListener()
+
+
+# -- progress ids ------------------------------------------------------------
+
+#: What an upload id may look like. Anything else is refused before it can reach
+#: a store: memcached keys must not hold spaces or control characters, and a
+#: short alphabet keeps ids safe to echo in URLs, logs and HTML.
+PROGRESS_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+#: The query parameter and the header (as a WSGI environ key) carrying the id.
+PROGRESS_ID_PARAM = "X-Progress-ID"
+PROGRESS_ID_HEADER = "HTTP_X_PROGRESS_ID"
+
+
+def validate_progress_id(value: Any) -> str:
+    """Return ``value`` if it is a well-formed progress id.
+
+    :raises BadProgressId: ``value`` is not a string of 1 to 64 characters
+        among ``A-Z a-z 0-9 _ -``.
+    """
+    # fullmatch, not match + "$": "$" would let a trailing newline through.
+    if isinstance(value, str) and PROGRESS_ID_RE.fullmatch(value):
+        return value
+    shown = repr(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    raise BadProgressId(
+        f"progress id {shown} must be 1 to 64 characters among A-Z, a-z, 0-9, '_' and '-'",
+        limit=64)
+
+
+def progress_id_from_environ(environ: Environ) -> Optional[str]:
+    """The request's progress id: the ``X-Progress-ID`` query parameter first,
+    else the ``X-Progress-ID`` header; None when the request carries neither.
+
+    A present but empty or malformed id is an error, not an absent one, so a
+    client bug shows up as a 400 instead of a progress bar that never moves.
+
+    :raises BadProgressId: the id is present but malformed.
+    """
+    query = environ.get("QUERY_STRING") or ""
+    # Most requests carry no id: skip the parse unless the name can be there.
+    if query and "progress" in query.lower():
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            if name.lower() == "x-progress-id":
+                return validate_progress_id(value)
+    header = environ.get(PROGRESS_ID_HEADER)
+    if header is not None:
+        return validate_progress_id(header)
+    return None
+
+
+# -- settings -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProgressSettings:
+    """How often progress is written and how the status route streams it.
+
+    Between the first and the final state a write happens at most every
+    ``interval`` seconds, and only once the upload moved by ``min_percent`` of
+    its size or ``refresh`` seconds passed since the last write. The first
+    state, file boundaries (subject to ``interval``), ``processing``, ``done``
+    and ``error`` are always written.
+    """
+
+    #: Shortest time between two intermediate writes: 4 a second is smoother
+    #: than any bar needs and costs a store nothing.
+    interval: float = 0.25
+    #: Smallest move (percent of the declared size) worth a write.
+    min_percent: float = 1.0
+    #: Write a smaller move after this long anyway, so a slow upload's bar,
+    #: rate and eta stay fresh and its entry does not expire.
+    refresh: float = 2.0
+    #: Entry lifetime while uploading, in seconds; every write renews it, so
+    #: only an upload stalled this long loses its entry.
+    ttl: int = 300
+    #: How long a final state (done, error) stays readable: long enough for
+    #: the last polls of a page, short enough not to pile up.
+    final_ttl: int = 60
+    #: Time constant of the smoothed transfer rate, in seconds.
+    rate_window: float = 5.0
+    #: Per-file entries kept in a status (the most recent ones), bounding its size.
+    max_files: int = 100
+    #: After a store failure a listener skips intermediate writes this long.
+    store_retry: float = 5.0
+    #: How often an event stream looks at the store, in seconds.
+    sse_poll: float = 0.25
+    #: A comment line is sent after this long without a change, so proxies
+    #: keep the stream open and a vanished client is noticed.
+    sse_heartbeat: float = 15.0
+    #: An event stream ends after this long; EventSource reconnects by itself.
+    #: Bounded so a forgotten page cannot hold a server thread for ever.
+    sse_lifetime: float = 120.0
+    #: Reconnection delay suggested to EventSource, in milliseconds.
+    sse_retry_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "refresh", "rate_window", "store_retry", "sse_poll",
+                     "sse_heartbeat", "sse_lifetime"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+                raise ValueError(f"ProgressSettings.{name} must be a positive number of seconds, not {value!r}")
+        if not isinstance(self.min_percent, (int, float)) or not 0 <= self.min_percent <= 100:
+            raise ValueError(f"ProgressSettings.min_percent must be between 0 and 100, not {self.min_percent!r}")
+        # memcached reads an expiry over 30 days as a Unix timestamp.
+        for name in ("ttl", "final_ttl"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 30 * 86400:
+                raise ValueError(f"ProgressSettings.{name} must be an int from 1 to 2592000 seconds, not {value!r}")
+        for name in ("max_files", "sse_retry_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"ProgressSettings.{name} must be a non-negative int, not {value!r}")
+
+
+DEFAULT_SETTINGS = ProgressSettings()
+
+FINAL_STATES = frozenset({"done", "error"})
+
+
+# -- stores -----------------------------------------------------------------------
+
+class ProgressStore(Protocol):
+    """Where progress lives between the upload and the status route.
+
+    Values are JSON-compatible dicts. Any method may raise on failure (the
+    listener swallows it; the status route answers 503); raising
+    :class:`~uploadkit.errors.ProgressUnavailable` says the store already
+    logged the outage.
+    """
+
+    def get(self, progress_id: str) -> Optional[ProgressValue]:
+        """The value last set, or None when unknown or expired."""
+
+    def set(self, progress_id: str, value: ProgressValue, ttl: int) -> None:
+        """Store ``value`` for ``ttl`` seconds (replacing any previous one)."""
+
+    def delete(self, progress_id: str) -> None:
+        """Forget ``progress_id``; no error when it is unknown."""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+class MemoryStore:
+    """Progress in this process: the default for a single-process server.
+
+    Thread-safe. Entries expire after their TTL and the store holds at most
+    ``max_entries`` of them, dropping the least recently written first, so ids
+    of abandoned uploads cannot grow memory without end. Values are kept as
+    JSON text, so a reader gets its own copy and sees exactly what a
+    memcached reader would.
+
+    Use :class:`MemcachedStore` when uploads and status requests may be
+    served by different processes.
+    """
+
+    def __init__(self, max_entries: int = 10000, clock: Callable[[], float] = time.monotonic) -> None:
+        if not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"MemoryStore.max_entries must be a positive int, not {max_entries!r}")
+        self.max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        # id -> (expiry on self._clock, JSON text); ordered oldest write first.
+        self._entries: "OrderedDict[str, Tuple[float, str]]" = OrderedDict()
+
+    def get(self, progress_id: str) -> Optional[ProgressValue]:
+        with self._lock:
+            entry = self._entries.get(progress_id)
+            if entry is None:
+                return None
+            if entry[0] <= self._clock():
+                del self._entries[progress_id]
+                return None
+            text = entry[1]
+        value = json.loads(text)
+        return value if isinstance(value, dict) else None
+
+    def set(self, progress_id: str, value: ProgressValue, ttl: int) -> None:
+        text = _dumps(value)
+        now = self._clock()
+        entries = self._entries
+        with self._lock:
+            entries[progress_id] = (now + ttl, text)
+            entries.move_to_end(progress_id)
+            # The oldest write is at the front: drop it while it has expired or
+            # the store is over its bound. Amortized O(1) per set.
+            while entries:
+                oldest = next(iter(entries.values()))
+                if len(entries) > self.max_entries or oldest[0] <= now:
+                    entries.popitem(last=False)
+                else:
+                    break
+
+    def delete(self, progress_id: str) -> None:
+        with self._lock:
+            self._entries.pop(progress_id, None)
+
+    def __len__(self) -> int:
+        """Entries held, including expired ones not swept yet."""
+        with self._lock:
+            return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(max_entries={self.max_entries})"
+
+
+ServerSpec = Union[str, Tuple[str, int]]
+
+
+def _parse_server(spec: ServerSpec) -> Tuple[str, int]:
+    if isinstance(spec, tuple):
+        return str(spec[0]), int(spec[1])
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        return spec, 11211
+    return host.strip("[]"), int(port)
+
+
+class MemcachedStore:
+    """Progress in memcached, shared by every process and host of a site.
+
+    Uses a pooled pymemcache client (the plain client is not thread-safe):
+    :class:`~pymemcache.client.base.PooledClient` for one server, a pooling
+    :class:`~pymemcache.client.hash.HashClient` for several. Timeouts are short
+    because progress is never worth waiting for.
+
+    A circuit breaker guards every call: the first failure is logged once and
+    opens it, then calls raise :class:`ProgressUnavailable` at once, without
+    touching the network, until ``retry_after`` seconds passed; then one call
+    probes the server and closes the breaker if it answers.
+
+    :param servers: ``"host:port"``, ``(host, port)``, or a list of them.
+    :param prefix: prepended to every key, so several sites can share a server.
+    :param max_pool_size: connections per server; None grows with the number
+        of concurrent requests (pymemcache raises beyond a fixed bound).
+    :param pool_idle_timeout: idle connections are closed after this many seconds.
+    """
+
+    def __init__(self, servers: Union[ServerSpec, Sequence[ServerSpec]] = "127.0.0.1:11211", *,
+                 prefix: str = "uploadkit:", connect_timeout: float = 0.2, timeout: float = 0.2,
+                 retry_after: float = 5.0, max_pool_size: Optional[int] = None,
+                 pool_idle_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        specs = [servers] if isinstance(servers, (str, tuple)) else list(servers)
+        if not specs:
+            raise ValueError("MemcachedStore needs at least one server")
+        self.servers = [_parse_server(s) for s in specs]
+        if not re.fullmatch(r"[!-~]{0,150}", prefix):
+            raise ValueError(f"MemcachedStore prefix {prefix!r} must be at most 150 printable ASCII "
+                             "characters without spaces")
+        if not retry_after > 0:
+            raise ValueError(f"MemcachedStore.retry_after must be positive, not {retry_after!r}")
+        self.prefix = prefix
+        self.retry_after = retry_after
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down = False
+        self._retry_at = 0.0
+        self._client = self._make_client(connect_timeout, timeout, max_pool_size, pool_idle_timeout)
+        self._name = ",".join(f"{h}:{p}" for h, p in self.servers)
+
+    def _make_client(self, connect_timeout: float, timeout: float, max_pool_size: Optional[int],
+                     pool_idle_timeout: float) -> Any:
+        common: Dict[str, Any] = dict(
+            connect_timeout=connect_timeout, timeout=timeout, no_delay=True,
+            key_prefix=self.prefix.encode("ascii"), max_pool_size=max_pool_size,
+            pool_idle_timeout=pool_idle_timeout, default_noreply=False)
+        if len(self.servers) == 1:
+            from pymemcache.client.base import PooledClient
+            return PooledClient(self.servers[0], **common)
+        from pymemcache.client.hash import HashClient
+        # HashClient keeps its own per-server dead list; our breaker covers the
+        # case where every server is gone.
+        return HashClient(self.servers, use_pooling=True, ignore_exc=False, retry_attempts=1,
+                          retry_timeout=0, dead_timeout=self.retry_after, **common)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        probing = False
+        if self._down:  # unlocked read: the common, healthy case takes no lock
+            with self._lock:
+                now = self._clock()
+                if self._down and now < self._retry_at:
+                    raise ProgressUnavailable(f"progress store memcached {self._name} is unavailable; "
+                                              f"retrying in {self._retry_at - now:.1f} s")
+                if self._down:
+                    # Half open: this call probes, the others keep skipping.
+                    self._retry_at = now + self.retry_after
+                    probing = True
+        from pymemcache.exceptions import MemcacheError
+        try:
+            result = fn()
+        except (MemcacheError, OSError) as exc:
+            with self._lock:
+                was_down = self._down
+                self._down = True
+                self._retry_at = self._clock() + self.retry_after
+            if not was_down:
+                log.warning("uploadkit: progress store memcached %s failed on %s (%s: %s); "
+                            "progress is skipped, retrying every %.1f s",
+                            self._name, what, type(exc).__name__, exc, self.retry_after)
+            raise ProgressUnavailable(
+                f"progress store memcached {self._name} is unavailable: {type(exc).__name__}: {exc}"
+            ) from exc
+        if probing:
+            with self._lock:
+                self._down = False
+            log.warning("uploadkit: progress store memcached %s is reachable again", self._name)
+        return result
+
+    def get(self, progress_id: str) -> Optional[ProgressValue]:
+        key = validate_progress_id(progress_id)
+        raw = self._call("get", lambda: self._client.get(key))
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            log.warning("uploadkit: progress entry %r in memcached is not JSON; ignored", progress_id)
+            return None
+        return value if isinstance(value, dict) else None
+
+    def set(self, progress_id: str, value: ProgressValue, ttl: int) -> None:
+        key = validate_progress_id(progress_id)
+        data = _dumps(value).encode("utf-8")
+        self._call("set", lambda: self._client.set(key, data, expire=int(ttl), noreply=False))
+
+    def delete(self, progress_id: str) -> None:
+        key = validate_progress_id(progress_id)
+        self._call("delete", lambda: self._client.delete(key, noreply=False))
+
+    @property
+    def available(self) -> bool:
+        """False while the breaker is open (the last call failed)."""
+        return not self._down
+
+    def close(self) -> None:
+        """Close the pooled connections (new calls reconnect)."""
+        self._client.close()
+
+    def __repr__(self) -> str:
+        return f"MemcachedStore({self._name!r}, prefix={self.prefix!r})"
+
+
+# -- the listener --------------------------------------------------------------------
+
+class _FileState:
+    __slots__ = ("info", "done")
+
+    def __init__(self, info: "FileInfo") -> None:
+        self.info = info
+        self.done = False
+
+
+# Stores currently failing, by id(): one warning per outage however many
+# uploads hit it. Only for stores that do not log themselves (those raise
+# ProgressUnavailable).
+_failing_stores: Dict[int, bool] = {}
+_failing_lock = threading.Lock()
+
+
+class StoreProgress(ProgressListener):
+    """Writes one upload's progress to a :class:`ProgressStore`, throttled.
+
+    ``advance`` runs once per read from the client, so between writes it costs
+    a clock read and two comparisons. A write builds the whole status (state,
+    received, size, smoothed rate, eta, start time, per-file detail) and
+    replaces the entry. Store failures are swallowed (and logged once per
+    outage): the upload goes on without progress, and after a failure
+    intermediate writes pause for ``settings.store_retry`` seconds.
+    """
+
+    def __init__(self, store: ProgressStore, progress_id: str,
+                 settings: ProgressSettings = DEFAULT_SETTINGS, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.progress_id = validate_progress_id(progress_id)
+        self.settings = settings
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.state = "starting"
+        self.received = 0
+        self.total: Optional[int] = None
+        self.started_at: Optional[float] = None
+        self.writes = 0  # successful writes, for tests and curiosity
+        self._t0 = 0.0
+        self._files: Deque[_FileState] = deque(maxlen=settings.max_files or None)
+        self._file_count = 0
+        self._current: Optional[_FileState] = None
+        self._dirty = False
+        self._final = False
+        # Throttle: the next intermediate write needs now >= _next_time and
+        # (received >= _next_bytes or now >= _refresh_at or _dirty).
+        self._next_time = 0.0
+        self._next_bytes = 0
+        self._refresh_at = 0.0
+        self._step = 1
+        # Rate smoothing.
+        self._rate: Optional[float] = None
+        self._last_t = 0.0
+        self._last_received = 0
+        self._t_end: Optional[float] = None  # when the last byte arrived
+        self._error: Optional[UploadError] = None
+
+    # -- pipeline hooks -------------------------------------------------------
+
+    def start(self, ctx: "RequestContext") -> None:
+        try:
+            self._t0 = self._last_t = self._clock()
+            self.started_at = self._wall_clock()
+            self.total = ctx.content_length
+            if self.total:
+                self._step = max(1, int(self.total * self.settings.min_percent / 100))
+            self.state = "uploading"
+            self._write(self._t0)
+        except Exception:
+            log.exception("uploadkit: progress listener failed in start")
+
+    def advance(self, received: int, total: Optional[int]) -> None:
+        try:
+            self.received = received
+            if self._final:
+                return
+            now = self._clock()
+            if now < self._next_time:
+                return
+            if received < self._next_bytes and now < self._refresh_at and not self._dirty:
+                return
+            if total != self.total:
+                self.total = total
+                self._step = max(1, int(total * self.settings.min_percent / 100)) if total else 1
+            self._write(now)
+        except Exception:
+            log.exception("uploadkit: progress listener failed in advance")
+
+    def file_start(self, info: "FileInfo") -> None:
+        try:
+            state = _FileState(info)
+            self._files.append(state)
+            self._file_count += 1
+            self._current = state
+            self._dirty = True
+        except Exception:
+            log.exception("uploadkit: progress listener failed in file_start")
+
+    def file_end(self, info: "FileInfo") -> None:
+        try:
+            for state in reversed(self._files):
+                if state.info is info:
+                    state.done = True
+                    break
+            self._current = None
+            self._dirty = True
+            if self._final:
+                return
+            now = self._clock()
+            if now >= self._next_time:
+                self._write(now)
+        except Exception:
+            log.exception("uploadkit: progress listener failed in file_end")
+
+    def processing(self) -> None:
+        try:
+            if self._final:
+                return
+            self.state = "processing"
+            self._t_end = self._clock()
+            for state in self._files:  # skipped files get no file_end
+                state.done = True
+            self._write(self._clock())
+        except Exception:
+            log.exception("uploadkit: progress listener failed in processing")
+
+    def done(self, ctx: "RequestContext") -> None:
+        try:
+            if self._final:
+                return
+            self.state = "done"
+            self._final = True
+            if self._t_end is None:
+                self._t_end = self._clock()
+            for state in self._files:
+                state.done = True
+            self._write(self._clock())
+        except Exception:
+            log.exception("uploadkit: progress listener failed in done")
+
+    def error(self, exc: "UploadError") -> None:
+        try:
+            if self._final:
+                return
+            self.state = "error"
+            self._final = True
+            self._error = exc
+            self._write(self._clock())
+        except Exception:
+            log.exception("uploadkit: progress listener failed in error")
+
+    # -- writing ----------------------------------------------------------------
+
+    def status(self, now: Optional[float] = None) -> ProgressValue:
+        """The status as it would be written now."""
+        if now is None:
+            now = self._clock()
+        state = self.state
+        received = self.received
+        size = received if state == "done" or self.total is None else self.total
+        rate = self._rate
+        eta: Optional[float] = None
+        if state in ("processing", "done"):
+            # The average over the transfer: processing time is not transfer time.
+            end = self._t_end if self._t_end is not None else now
+            rate = received / (end - self._t0) if end > self._t0 else rate
+            eta = 0.0
+        elif state == "uploading" and rate is not None and rate > 0 and self.total is not None:
+            eta = round(max(0, self.total - received) / rate, 1)
+        value: ProgressValue = {"state": state, "received": received, "size": size}
+        if state == "error" and self._error is not None:
+            value["status"] = self._error.status
+            value["error"] = self._error.to_dict()["error"]
+        value["rate"] = None if rate is None else int(rate)
+        value["eta"] = eta
+        value["started_at"] = None if self.started_at is None else round(self.started_at, 3)
+        value["elapsed"] = round(now - self._t0, 3)
+        value["files"] = [
+            {"field": s.info.field_name, "filename": s.info.filename,
+             "received": s.info.size, "done": s.done}
+            for s in self._files
+        ]
+        if self._file_count > len(self._files):
+            value["file_count"] = self._file_count
+        return value
+
+    def _update_rate(self, now: float) -> None:
+        dt = now - self._last_t
+        if dt <= 0:
+            return
+        moved = self.received - self._last_received
+        if self._rate is None:
+            self._rate = self.received / (now - self._t0) if now > self._t0 else moved / dt
+        else:
+            # Exponential smoothing with a time constant, so irregular write
+            # intervals weigh the way they should.
+            weight = 1.0 - math.exp(-dt / self.settings.rate_window)
+            self._rate += weight * (moved / dt - self._rate)
+        self._last_t = now
+        self._last_received = self.received
+
+    def _write(self, now: float) -> None:
+        settings = self.settings
+        self._update_rate(now)
+        self._dirty = False
+        self._next_time = now + settings.interval
+        self._next_bytes = self.received + self._step
+        self._refresh_at = now + settings.refresh
+        final = self.state in FINAL_STATES
+        try:
+            value = self.status(now)
+            self.store.set(self.progress_id, value, settings.final_ttl if final else settings.ttl)
+        except ProgressUnavailable as exc:  # the store logged the outage itself
+            log.debug("uploadkit: progress for %s not written: %s", self.progress_id, exc)
+            self._next_time = now + settings.store_retry
+            return
+        except Exception as exc:
+            self._store_failed(exc)
+            self._next_time = now + settings.store_retry
+            return
+        self.writes += 1
+        if _failing_stores:
+            self._store_recovered()
+
+    def _store_failed(self, exc: Exception) -> None:
+        key = id(self.store)
+        with _failing_lock:
+            first = key not in _failing_stores
+            _failing_stores[key] = True
+        if first:
+            log.warning("uploadkit: progress store %r failed (%s: %s); uploads continue without "
+                        "progress until it recovers", self.store, type(exc).__name__, exc)
+        else:
+            log.debug("uploadkit: progress store %r still failing: %s", self.store, exc)
+
+    def _store_recovered(self) -> None:
+        with _failing_lock:
+            was = _failing_stores.pop(id(self.store), None)
+        if was:
+            log.warning("uploadkit: progress store %r works again", self.store)
+
+    def __repr__(self) -> str:
+        return f"StoreProgress({self.store!r}, {self.progress_id!r}, state={self.state!r})"
+
+
+# -- the status route -----------------------------------------------------------------
+
+class BadCallback(UploadError):
+    """A JSONP ``callback`` that is not a plain (dotted) JavaScript identifier."""
+
+    status = 400
+    code = "bad_callback"
+
+
+class MethodNotAllowed(UploadError):
+    status = 405
+    code = "method_not_allowed"
+
+
+#: JSONP callbacks: identifiers, optionally dotted (``jQuery36_1.cb``). Nothing
+#: else, so a callback cannot inject script (or a Flash "Rosetta" payload).
+CALLBACK_RE = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]{0,63}(?:\.[A-Za-z_$][A-Za-z0-9_$]{0,63}){0,3}")
+
+SCRIPT_NAME = "uploadkit.js"
+
+_NO_STORE = [("Cache-Control", "no-store"), ("Pragma", "no-cache"),
+             ("X-Content-Type-Options", "nosniff")]
+_REASONS = {200: "OK", 304: "Not Modified", 400: "Bad Request", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
+
+
+def _status_line(code: int) -> str:
+    return f"{code} {_REASONS.get(code, 'Error')}"
+
+
+class ProgressApp:
+    """The status route: a WSGI app answering ``GET <path>?X-Progress-ID=<id>``.
+
+    * JSON by default: ``{"state": "starting"}`` for an unknown id (clients
+      poll before their upload arrives), else the stored status.
+    * JSONP with ``?callback=name``.
+    * Server-Sent Events with ``Accept: text/event-stream``: one ``data:`` event
+      per change until a final state, comment heartbeats, a bounded lifetime.
+    * The browser script at any path ending in ``/uploadkit.js``.
+
+    Errors are JSON ``{"error": {...}}``: 400 ``bad_progress_id`` /
+    ``bad_callback``, 405 ``method_not_allowed``, 503 ``progress_unavailable``
+    when the store cannot be read.
+
+    :param progress_key: ``environ -> id or None`` replacing the default lookup
+        (:func:`progress_id_from_environ`); its result is validated the same way.
+    """
+
+    def __init__(self, store: ProgressStore, settings: ProgressSettings = DEFAULT_SETTINGS,
+                 progress_key: Optional[Callable[[Environ], Optional[str]]] = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.store = store
+        self.settings = settings
+        self.progress_key = progress_key
+        self._clock = clock
+        self._sleep = sleep
+        self._script: Optional[Tuple[bytes, str]] = None
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        method = (environ.get("REQUEST_METHOD") or "GET").upper()
+        path = environ.get("PATH_INFO") or ""
+        head = method == "HEAD"
+        try:
+            if method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(f"method {method!r} is not allowed here; use GET",
+                                       limit="GET, HEAD")
+            if path.endswith("/" + SCRIPT_NAME) or path == SCRIPT_NAME:
+                return self._serve_script(environ, start_response, head)
+            progress_id = self.request_id(environ)
+            callback = self._callback(environ)
+            value = self._read(progress_id)
+            if "text/event-stream" in (environ.get("HTTP_ACCEPT") or "") and callback is None:
+                start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8"),
+                                          ("X-Accel-Buffering", "no"), *_NO_STORE])
+                return [] if head else self._events(progress_id, value)
+        except UploadError as exc:
+            extra = [("Allow", "GET, HEAD")] if isinstance(exc, MethodNotAllowed) else []
+            return self._respond(start_response, exc.status, exc.to_json(), "application/json",
+                                 head, extra)
+        body = _dumps(value).encode("utf-8")
+        if callback is not None:
+            return self._respond(start_response, 200, b"/**/" + callback.encode("ascii") + b"(" + body + b");",
+                                 "application/javascript; charset=utf-8", head)
+        return self._respond(start_response, 200, body, "application/json", head)
+
+    def request_id(self, environ: Environ) -> str:
+        """The id a status request asks about.
+
+        :raises BadProgressId: absent or malformed.
+        """
+        if self.progress_key is not None:
+            progress_id = self.progress_key(environ)
+        else:
+            progress_id = progress_id_from_environ(environ)
+        if progress_id is None:
+            raise BadProgressId("the request names no upload: send ?X-Progress-ID=<id> or an "
+                                "X-Progress-ID header", limit=64)
+        return validate_progress_id(progress_id)
+
+    def _callback(self, environ: Environ) -> Optional[str]:
+        query: str = environ.get("QUERY_STRING") or ""
+        if "callback" not in query:
+            return None
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            if name == "callback":
+                if CALLBACK_RE.fullmatch(value):
+                    return value
+                shown = repr(value) if len(value) <= 40 else repr(value[:37] + "...")
+                raise BadCallback(f"JSONP callback {shown} is not a JavaScript identifier "
+                                  "(letters, digits, '_', '$', dotted)")
+        return None
+
+    def _read(self, progress_id: str) -> ProgressValue:
+        try:
+            value = self.store.get(progress_id)
+        except ProgressUnavailable:
+            raise
+        except Exception as exc:
+            log.warning("uploadkit: reading progress %s failed: %s: %s",
+                        progress_id, type(exc).__name__, exc)
+            raise ProgressUnavailable(f"the progress store could not be read: {type(exc).__name__}") from exc
+        return value if value is not None else {"state": "starting"}
+
+    def _events(self, progress_id: str, first: ProgressValue) -> Iterator[bytes]:
+        """The event stream: a generator, so the server's ``close()`` on a
+        vanished client ends it."""
+        settings = self.settings
+        clock = self._clock
+        start = clock()
+        deadline = start + settings.sse_lifetime
+        beat_at = start + settings.sse_heartbeat
+        last = first
+        yield f"retry: {settings.sse_retry_ms}\n".encode() + _event(first)
+        if first.get("state") in FINAL_STATES:
+            return
+        while True:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                yield b": lifetime over, reconnect\n\n"
+                return
+            self._sleep(min(settings.sse_poll, remaining))
+            now = clock()
+            try:
+                value = self._read(progress_id)
+            except ProgressUnavailable as exc:
+                yield b"event: unavailable\ndata: " + exc.to_json() + b"\n\n"
+                return
+            if value != last:
+                last = value
+                beat_at = now + settings.sse_heartbeat
+                yield _event(value)
+                if value.get("state") in FINAL_STATES:
+                    return
+            elif now >= beat_at:
+                beat_at = now + settings.sse_heartbeat
+                yield b": keepalive\n\n"
+
+    def _serve_script(self, environ: Environ, start_response: StartResponse,
+                      head: bool) -> Iterable[bytes]:
+        if self._script is None:
+            data = resources.files("uploadkit").joinpath("static", SCRIPT_NAME).read_bytes()
+            self._script = (data, '"' + hashlib.sha256(data).hexdigest()[:20] + '"')
+        data, etag = self._script
+        headers = [("Content-Type", "application/javascript; charset=utf-8"),
+                   ("Cache-Control", "public, max-age=3600"), ("ETag", etag),
+                   ("X-Content-Type-Options", "nosniff")]
+        match = environ.get("HTTP_IF_NONE_MATCH") or ""
+        if etag in match or match.strip() == "*":
+            start_response("304 Not Modified", headers)
+            return []
+        headers.append(("Content-Length", str(len(data))))
+        start_response("200 OK", headers)
+        return [] if head else [data]
+
+    @staticmethod
+    def _respond(start_response: StartResponse, status: int, body: bytes, content_type: str,
+                 head: bool, extra: Sequence[Tuple[str, str]] = ()) -> List[bytes]:
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                   *_NO_STORE, *extra]
+        start_response(_status_line(status), headers)
+        return [] if head else [body]
+
+
+def _event(value: ProgressValue) -> bytes:
+    # json.dumps never emits a raw newline, so one data: line holds the event.
+    return b"data: " + _dumps(value).encode("utf-8") + b"\n\n"
+
+
+__all__ = [
+    "ProgressListener", "NULL_PROGRESS", "PROGRESS_ID_RE", "PROGRESS_ID_PARAM", "PROGRESS_ID_HEADER",
+    "validate_progress_id", "progress_id_from_environ", "ProgressSettings", "DEFAULT_SETTINGS",
+    "ProgressStore", "MemoryStore", "MemcachedStore", "StoreProgress", "ProgressApp",
+    "BadCallback", "MethodNotAllowed", "CALLBACK_RE",
+]

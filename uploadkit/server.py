@@ -1,0 +1,61 @@
+"""A small threaded WSGI server on the standard library, for the demo and tests.
+
+wsgiref hands the app the socket's file as ``wsgi.input``, so bodies stream
+instead of being buffered, and one thread per connection lets a progress poll
+be answered while an upload is still arriving.
+"""
+
+from __future__ import annotations
+
+import threading
+from socketserver import ThreadingMixIn
+from typing import Any, Callable, Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class QuietHandler(WSGIRequestHandler):
+    """Logs one line a request, without the reverse-DNS lookup of the default."""
+
+    def address_string(self) -> str:
+        return str(self.client_address[0])
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+        if getattr(self.server, "verbose", True):
+            super().log_message(format, *args)
+
+
+def make_threaded_server(app: Callable[..., Any], host: str = "127.0.0.1", port: int = 0,
+                         verbose: bool = False) -> ThreadingWSGIServer:
+    server = make_server(host, port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
+    server.verbose = verbose  # type: ignore[attr-defined]
+    return server  # type: ignore[return-value]
+
+
+class BackgroundServer:
+    """A threaded server running in a thread: ``with BackgroundServer(app) as url:``."""
+
+    def __init__(self, app: Callable[..., Any], host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = make_threaded_server(app, host, port)
+        self.thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> str:
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+        return self.url
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
