@@ -18,7 +18,7 @@ import enum
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote_to_bytes
 
 from multipart import MultipartError, MultipartSegment, ParserLimitReached, PushMultipartParser
@@ -169,9 +169,19 @@ class MultipartDecoder:
             return []
         self._fed += len(chunk)
         events: List[Event] = []
+        append = events.append
         try:
             for item in self._parser.parse(chunk):
-                self._on_item(item, events)
+                # Hot path first: body bytes, almost always of a file.
+                if type(item) is bytes:
+                    if self.state is State.FILE:
+                        append(FileData(item))
+                    else:
+                        self._on_data(item)
+                elif item is None:
+                    self._end_part(append)
+                else:
+                    self._start_part(item, append)
             if self.state is State.PREAMBLE and self._fed > PREAMBLE_LIMIT + self._header_budget():
                 raise MalformedMultipart("no multipart boundary found at the start of the body")
         except MultipartError as exc:
@@ -216,38 +226,57 @@ class MultipartDecoder:
                 limit=self.limits.max_header_size)
         return MalformedMultipart(f"part {max(self._parts, 1)}: {text}")
 
-    def _on_item(self, item: object, events: List[Event]) -> None:
-        state = self.state
-        if type(item) is bytes:
-            if state is State.FILE:
-                events.append(FileData(item))
-            elif state is State.FIELD:
-                self._field_size += len(item)
-                self._form_bytes += len(item)
-                self._check_field()
-                self._field.append(item)
-            elif state is State.SKIP:
-                # An empty-filename part turned out to have a body: it is a
-                # text field after all (RFC 7578 makes a part a file by name).
-                self.state = State.FIELD
-                self._on_item(item, events)
-            return
-        if item is None:
-            self._end_part(events)
-            return
-        self._start_part(item, events)  # type: ignore[arg-type]
+    def _on_data(self, item: bytes) -> None:
+        if self.state is State.SKIP:
+            # An empty-filename part turned out to have a body: it is a text
+            # field after all (RFC 7578 makes a part a file by its name).
+            self.state = State.FIELD
+        if self.state is State.FIELD:
+            self._field_size += len(item)
+            self._form_bytes += len(item)
+            self._check_field()
+            self._field.append(item)
 
-    def _start_part(self, segment: MultipartSegment, events: List[Event]) -> None:
+    def _start_part(self, segment: MultipartSegment, append: Callable[[Event], None]) -> None:
         limits = self.limits
         self._parts += 1
         if limits.max_parts is not None and self._parts > limits.max_parts:
             raise TooManyParts(f"the body has more than {limits.max_parts} parts", limit=limits.max_parts)
         headers = tuple(segment.headerlist)
+        if not segment.name:
+            raise MalformedMultipart(f"part {self._parts} has no field name")
+        if len(headers) == 1:
+            # The common case: a lone Content-Disposition, already bounded by the
+            # engine's per-line limit.
+            disposition = headers[0][1]
+        else:
+            disposition = self._check_headers(segment, headers)
+        filename = segment.filename
+        if not filename and "filename*" in disposition:
+            match = _FILENAME_STAR_RE.search(disposition)
+            if match:
+                filename = _decode_filename_star(match.group(1)) or filename
+        self._segment = segment
+        if filename:
+            self._files += 1
+            if limits.max_files is not None and self._files > limits.max_files:
+                raise TooManyFiles(f"the body has more than {limits.max_files} files",
+                                   field=segment.name, limit=limits.max_files)
+            self.state = State.FILE
+            append(FileStart(segment.name, filename, segment.content_type or "", headers))
+            return
+        self._field = []
+        self._field_size = 0
+        self._field_charset = segment.charset or self.charset
+        # filename="" is a browser's "no file selected": skipped if its body is empty.
+        self.state = State.SKIP if filename == "" else State.FIELD
+
+    def _check_headers(self, segment: MultipartSegment, headers: HeaderList) -> str:
+        """Checks for parts with several headers; returns the Content-Disposition."""
+        limits = self.limits
         dispositions = [v for k, v in headers if k == "Content-Disposition"]
         if len(dispositions) != 1:
             raise MalformedMultipart(f"part {self._parts} has {len(dispositions)} Content-Disposition headers")
-        if not segment.name:
-            raise MalformedMultipart(f"part {self._parts} has no field name")
         block = sum(len(k) + len(v) + 4 for k, v in headers)
         if block > limits.max_header_size:
             raise HeaderTooLarge(
@@ -258,25 +287,7 @@ class MultipartDecoder:
             raise MalformedMultipart(
                 f"part {self._parts} ({segment.name!r}) uses Content-Transfer-Encoding {encoding!r},"
                 " which RFC 7578 deprecates; send the bytes as they are", field=segment.name)
-        filename = segment.filename
-        if not filename:
-            match = _FILENAME_STAR_RE.search(dispositions[0])
-            if match:
-                filename = _decode_filename_star(match.group(1)) or filename
-        self._segment = segment
-        if filename:
-            self._files += 1
-            if limits.max_files is not None and self._files > limits.max_files:
-                raise TooManyFiles(f"the body has more than {limits.max_files} files",
-                                   field=segment.name, limit=limits.max_files)
-            self.state = State.FILE
-            events.append(FileStart(segment.name, filename, segment.content_type or "", headers))
-            return
-        self._field = []
-        self._field_size = 0
-        self._field_charset = segment.charset or self.charset
-        # filename="" is a browser's "no file selected": skipped if its body is empty.
-        self.state = State.SKIP if filename == "" else State.FIELD
+        return dispositions[0]
 
     def _check_field(self) -> None:
         limits = self.limits
@@ -290,19 +301,21 @@ class MultipartDecoder:
                 f"the text fields add up to more than {format_size(limits.max_form_memory)}",
                 field=name, limit=limits.max_form_memory)
 
-    def _end_part(self, events: List[Event]) -> None:
+    def _end_part(self, append: Callable[[Event], None]) -> None:
         state = self.state
         segment = self._segment
         assert segment is not None
         if state is State.FILE:
-            events.append(_FILE_END)
+            append(_FILE_END)
         elif state is State.FIELD:
-            raw = self._field[0] if len(self._field) == 1 else b"".join(self._field)
+            chunks = self._field
+            raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            charset = self._field_charset
             try:
-                value = raw.decode(self._field_charset, "replace")
-            except LookupError:
+                value = raw.decode(charset, "replace")
+            except LookupError:  # an unknown charset named by the client
                 value = raw.decode(self.charset, "replace")
-            events.append(Field(segment.name or "", value, tuple(segment.headerlist)))
+            append(Field(segment.name or "", value, tuple(segment.headerlist)))
             self._field = []
         self._segment = None
         self.state = State.BETWEEN

@@ -8,16 +8,23 @@ away) from a complete one, and counts the bytes of bodies that have no length
 
 from __future__ import annotations
 
-from typing import IO, Any, Dict, Optional, Sequence
+from wsgiref.headers import Headers
+
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
 
 from .errors import ClientDisconnected, LengthRequired, RequestTooLarge, UploadError, format_size
 from .handlers import UploadHandler, default_handlers
 from .limits import Limits
-from .multipart import Field, FileData, FileEnd, FileStart, MultipartDecoder, parse_boundary
+from .multipart import Event, Field, FileData, FileEnd, FileStart, MultipartDecoder, parse_boundary
 from .pipeline import Pipeline, RequestContext
 from .progress import NULL_PROGRESS, ProgressListener
 
-DEFAULT_READ_SIZE = 1 << 20  # large reads: fewer syscalls, bigger hash buffers
+DEFAULT_READ_SIZE = 1 << 20
+
+
+class Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+  # large reads: fewer syscalls, bigger hash buffers
 
 
 def check_length(content_length: Optional[int], terminated: bool, limits: Limits) -> None:
@@ -35,7 +42,7 @@ def check_length(content_length: Optional[int], terminated: bool, limits: Limits
             limit=limit)
 
 
-def read_multipart(stream: IO[bytes], *, content_type: str, content_length: Optional[int],
+def read_multipart(stream: Readable, *, content_type: str, content_length: Optional[int],
                    limits: Limits = Limits(), handlers: Optional[Sequence[UploadHandler]] = None,
                    environ: Optional[Dict[str, Any]] = None,
                    progress: ProgressListener = NULL_PROGRESS,
@@ -66,17 +73,29 @@ def read_multipart(stream: IO[bytes], *, content_type: str, content_length: Opti
     return pipeline
 
 
-def _pump(stream: IO[bytes], decoder: MultipartDecoder, pipeline: Pipeline,
+def _pump(stream: Readable, decoder: MultipartDecoder, pipeline: Pipeline,
           content_length: Optional[int], limits: Limits, read_size: int,
           progress: ProgressListener) -> None:
-    read = stream.read
     feed = decoder.feed
+    for chunk in _chunks(stream, content_length, limits, read_size, progress):
+        _dispatch(feed(chunk), pipeline)
+    _dispatch(decoder.close(), pipeline)
+
+
+def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, read_size: int,
+            progress: ProgressListener) -> Iterator[bytes]:
+    """The body's chunks, never past CONTENT_LENGTH, counted against the limit.
+
+    :raises ClientDisconnected: the stream ended early or failed.
+    :raises RequestTooLarge: a body without length grew past the limit.
+    """
+    read = stream.read
     limit = limits.max_request_size
     received = 0
     while True:
         want = read_size if content_length is None else min(read_size, content_length - received)
         if want <= 0:
-            break
+            return
         try:
             chunk = read(want)
         except UploadError:
@@ -88,7 +107,7 @@ def _pump(stream: IO[bytes], decoder: MultipartDecoder, pipeline: Pipeline,
             if content_length is not None:
                 raise ClientDisconnected(
                     f"the body ended after {received} of {content_length} bytes")
-            break
+            return
         if content_length is not None and len(chunk) > want:
             chunk = chunk[:want]  # a server that hands out more than asked
         received += len(chunk)
@@ -96,21 +115,55 @@ def _pump(stream: IO[bytes], decoder: MultipartDecoder, pipeline: Pipeline,
             raise RequestTooLarge(
                 f"the request is larger than the limit of {format_size(limit)}", limit=limit)
         progress.advance(received, content_length)
-        if type(chunk) is not bytes:
-            chunk = bytes(chunk)
-        _dispatch(feed(chunk), pipeline)
-    _dispatch(decoder.close(), pipeline)
+        yield chunk if type(chunk) is bytes else bytes(chunk)
 
 
-def _dispatch(events: list, pipeline: Pipeline) -> None:  # type: ignore[type-arg]
+def _dispatch(events: List[Event], pipeline: Pipeline) -> None:
     for ev in events:
         kind = type(ev)
         if kind is FileData:
-            pipeline.feed(ev.data)
+            pipeline.feed(ev.data)  # type: ignore[union-attr]
         elif kind is Field:
-            pipeline.add_field(ev.name, ev.value)
+            pipeline.add_field(ev.name, ev.value)  # type: ignore[union-attr]
         elif kind is FileStart:
-            from wsgiref.headers import Headers
-            pipeline.start_file(ev.name, ev.filename, ev.content_type, Headers(list(ev.headers)))
+            pipeline.start_file(ev.name, ev.filename, ev.content_type,  # type: ignore[union-attr]
+                                Headers(list(ev.headers)))  # type: ignore[union-attr]
         elif kind is FileEnd:
             pipeline.end_file()
+
+
+def read_raw(stream: Readable, *, filename: str, content_type: str = "",
+             content_length: Optional[int], field_name: str = "file",
+             limits: Limits = Limits(), handlers: Optional[Sequence[UploadHandler]] = None,
+             environ: Optional[Dict[str, Any]] = None, progress: ProgressListener = NULL_PROGRESS,
+             read_size: int = DEFAULT_READ_SIZE, terminated: bool = False) -> Pipeline:
+    """Stream a bare body (``PUT /files/photo.jpg``) as one file through the same chain.
+
+    The pipeline does not care where its bytes come from: this driver and
+    :func:`read_multipart` differ only in how they cut the body into files.
+
+    :raises UploadError: any refusal; every handler has been aborted by then.
+    """
+    check_length(content_length, terminated, limits)
+    if limits.max_files is not None and limits.max_files < 1:
+        from .errors import TooManyFiles
+        raise TooManyFiles("this route accepts no files", limit=limits.max_files)
+    ctx = RequestContext(limits=limits, environ=environ, content_length=content_length)
+    chain = list(handlers) if handlers is not None else default_handlers()
+    pipeline = Pipeline(chain, ctx, progress)
+    try:
+        pipeline.start()
+        pipeline.start_file(field_name, filename, content_type)
+        _copy(stream, pipeline, content_length, limits, read_size, progress)
+        pipeline.end_file()
+        pipeline.finish()
+    except BaseException as exc:
+        pipeline.abort(exc)
+        raise
+    return pipeline
+
+
+def _copy(stream: Readable, pipeline: Pipeline, content_length: Optional[int], limits: Limits,
+          read_size: int, progress: ProgressListener) -> None:
+    for chunk in _chunks(stream, content_length, limits, read_size, progress):
+        pipeline.feed(chunk)

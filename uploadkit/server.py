@@ -33,7 +33,7 @@ def make_threaded_server(app: Callable[..., Any], host: str = "127.0.0.1", port:
                          verbose: bool = False) -> ThreadingWSGIServer:
     server = make_server(host, port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
     server.verbose = verbose  # type: ignore[attr-defined]
-    return server  # type: ignore[return-value]
+    return server
 
 
 class BackgroundServer:
@@ -46,7 +46,7 @@ class BackgroundServer:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def __enter__(self) -> str:
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},

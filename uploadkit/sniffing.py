@@ -7,11 +7,20 @@ Pure functions: :func:`sniff` asks ``filetype`` (magic numbers in the first
 from __future__ import annotations
 
 import mimetypes
-from typing import Optional
+from typing import Optional, Protocol
 
 import filetype
 
 from .limits import Limits
+
+class FileInfoLike(Protocol):
+    @property
+    def filename(self) -> str: ...
+    @property
+    def extension(self) -> str: ...
+    @property
+    def declared_type(self) -> str: ...
+
 
 #: Bytes the sniffer looks at: filetype reads at most 8 KiB.
 HEAD_SIZE = 8192
@@ -96,7 +105,7 @@ def extension_type(ext: str) -> Optional[str]:
     return kind.mime if kind else None
 
 
-def check_type(info: "FileInfoLike", sniffed: Optional[str], limits: Limits) -> Optional[str]:
+def check_type(info: FileInfoLike, sniffed: Optional[str], limits: Limits) -> Optional[str]:
     """Why the file's type is refused, or None when it is acceptable.
 
     Only applies when ``limits.allowed_types`` is set: then the sniffed type must
@@ -128,9 +137,3 @@ def check_type(info: "FileInfoLike", sniffed: Optional[str], limits: Limits) -> 
         if claimed is not None and claimed != sniffed:
             return f"file {name!r} is {sniffed} but its name says {claimed}"
     return None
-
-
-class FileInfoLike:  # pragma: no cover - typing only
-    filename: str
-    extension: str
-    declared_type: str
