@@ -237,7 +237,7 @@ PAGE = r"""<!doctype html>
       },
       onDone: function (result) {
         li.className = "done"; li.dataset.state = "done"; fill.style.width = "100%"; state.textContent = "done";
-        addToGallery((result && result.files) || []);
+        addToGallery((result && result.json && result.json.files) || []);
       },
       onError: function (err) {
         li.className = "error"; li.dataset.state = "error";

@@ -156,6 +156,14 @@ class BadKey(UploadError, ValueError):
     code = "bad_key"
 
 
+class InternalError(UploadError):
+    """A failure that is not the client's: reported to progress pollers; the
+    server's own 500 answers the request itself."""
+
+    status = 500
+    code = "internal_error"
+
+
 def format_size(n: int | float) -> str:
     """Render a byte count the way error messages quote limits: ``12.0 MiB``."""
     value = float(n)

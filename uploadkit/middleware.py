@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 from webob.multidict import MultiDict
 
-from .errors import UploadError
+from .errors import MalformedMultipart, UploadError
 from .handlers import UploadHandler, default_handlers
 from .limits import Limits
 from .multipart import encode_multipart
@@ -161,8 +161,10 @@ class UploadMiddleware:
 
     def default_handlers(self, environ: Environ) -> List[UploadHandler]:
         """The chain built from this middleware's options, fresh for one request."""
+        needed: frozenset[str] = getattr(self.storage, "required_hashes", frozenset())
         return default_handlers(tempdir=self.tempdir, memory_threshold=self.memory_threshold,
-                                sha256=self.hash_sha256, md5=self.hash_md5, quota=self.quota,
+                                sha256=self.hash_sha256 or "sha256" in needed,
+                                md5=self.hash_md5 or "md5" in needed, quota=self.quota,
                                 storage=self.storage, thumbnails=self.thumbnails)
 
     def handlers_for(self, environ: Environ) -> List[UploadHandler]:
@@ -216,12 +218,11 @@ class UploadMiddleware:
     def _upload(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         stream = _CountingInput(environ["wsgi.input"])
         content_length = _content_length(environ)
-        pipeline: Optional[Pipeline] = None
+        progress: ProgressListener = NULL_PROGRESS
         try:
-            if content_length == -1:
-                from .errors import MalformedMultipart
-                raise MalformedMultipart("the Content-Length header is not a number")
             progress = self.progress_for(environ)
+            if content_length == -1:
+                raise MalformedMultipart("the Content-Length header is not a number")
             limits = self.limits_for(environ)
             pipeline = read_multipart(
                 stream, content_type=environ.get("CONTENT_TYPE", ""),
@@ -229,6 +230,10 @@ class UploadMiddleware:
                 handlers=self.handlers_for(environ), environ=environ, progress=progress,
                 read_size=self.read_size, terminated=bool(environ.get("wsgi.input_terminated")))
         except UploadError as exc:
+            # Refusals raised before the pipeline started (411, a 413 from the
+            # declared length) must still end the progress bar; a second call
+            # after the pipeline's own is ignored by the listener.
+            progress.error(exc)
             self._drain(stream, content_length, exc)
             log.info("uploadkit: refused %s %s: %s", environ.get("REQUEST_METHOD"),
                      environ.get("PATH_INFO"), exc.message)

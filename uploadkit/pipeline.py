@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from wsgiref.headers import Headers
 
-from .errors import FileTooLarge, UploadError, format_size
+from .errors import FileTooLarge, InternalError, UploadError, format_size
 from .files import FileInfo, UploadedFile
 from .filenames import sanitize_filename
 from .handlers import SKIP, UploadHandler
@@ -105,11 +105,12 @@ class Pipeline:
                 h.abort(self.ctx, exc)
             except Exception:
                 log.exception("uploadkit: %s.abort failed", type(h).__name__)
-        if isinstance(exc, UploadError):
-            try:
-                self.progress.error(exc)
-            except Exception:
-                log.exception("uploadkit: progress listener failed")
+        reported = exc if isinstance(exc, UploadError) else InternalError(
+            "the upload failed on the server" if exc is not None else "the upload was abandoned")
+        try:
+            self.progress.error(reported)
+        except Exception:
+            log.exception("uploadkit: progress listener failed")
 
     # -- files -----------------------------------------------------------
 

@@ -300,15 +300,63 @@ def _parse_server(spec: ServerSpec) -> Tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _Node:
+    """One memcached server: its connection pool and its circuit breaker."""
+
+    def __init__(self, name: str, client: Any, retry_after: float, clock: Callable[[], float]) -> None:
+        self.name = name
+        self.client = client
+        self.retry_after = retry_after
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.down = False
+        self.retry_at = 0.0
+
+    def call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        probing = False
+        if self.down:  # unlocked read: the healthy case takes no lock
+            with self.lock:
+                now = self.clock()
+                if self.down and now < self.retry_at:
+                    raise ProgressUnavailable(f"progress store memcached {self.name} is unavailable; "
+                                              f"retrying in {self.retry_at - now:.1f} s")
+                if self.down:
+                    # Half open: this call probes, the others keep skipping.
+                    self.retry_at = now + self.retry_after
+                    probing = True
+        from pymemcache.exceptions import MemcacheError
+        try:
+            result = fn(self.client)
+        except (MemcacheError, OSError) as exc:
+            with self.lock:
+                was_down = self.down
+                self.down = True
+                self.retry_at = self.clock() + self.retry_after
+            if not was_down:
+                log.warning("uploadkit: progress store memcached %s failed on %s (%s: %s); "
+                            "progress is skipped, retrying every %.1f s",
+                            self.name, what, type(exc).__name__, exc, self.retry_after)
+            raise ProgressUnavailable(
+                f"progress store memcached {self.name} is unavailable: {type(exc).__name__}: {exc}"
+            ) from exc
+        if probing:
+            with self.lock:
+                self.down = False
+            log.warning("uploadkit: progress store memcached %s is reachable again", self.name)
+        return result
+
+
 class MemcachedStore:
     """Progress in memcached, shared by every process and host of a site.
 
-    Uses a pooled pymemcache client (the plain client is not thread-safe):
-    :class:`~pymemcache.client.base.PooledClient` for one server, a pooling
-    :class:`~pymemcache.client.hash.HashClient` for several. Timeouts are short
-    because progress is never worth waiting for.
+    Each server gets a :class:`~pymemcache.client.base.PooledClient` (the
+    plain client is not thread-safe). With several servers a key lives on the
+    one chosen by rendezvous hashing, and stays there when a server is down
+    (its uploads show no progress meanwhile): moving keys would let a writer
+    and a reader that disagree about who is down look in different places.
+    Timeouts are short because progress is never worth waiting for.
 
-    A circuit breaker guards every call: the first failure is logged once and
+    A circuit breaker guards each server: the first failure is logged once and
     opens it, then calls raise :class:`ProgressUnavailable` at once, without
     touching the network, until ``retry_after`` seconds passed; then one call
     probes the server and closes the breaker if it answers.
@@ -324,6 +372,9 @@ class MemcachedStore:
                  prefix: str = "uploadkit:", connect_timeout: float = 0.2, timeout: float = 0.2,
                  retry_after: float = 5.0, max_pool_size: Optional[int] = None,
                  pool_idle_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        from pymemcache.client.base import PooledClient
+        from pymemcache.client.rendezvous import RendezvousHash
+
         specs = [servers] if isinstance(servers, (str, tuple)) else list(servers)
         if not specs:
             raise ValueError("MemcachedStore needs at least one server")
@@ -335,64 +386,23 @@ class MemcachedStore:
             raise ValueError(f"MemcachedStore.retry_after must be positive, not {retry_after!r}")
         self.prefix = prefix
         self.retry_after = retry_after
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._down = False
-        self._retry_at = 0.0
-        self._client = self._make_client(connect_timeout, timeout, max_pool_size, pool_idle_timeout)
-        self._name = ",".join(f"{h}:{p}" for h, p in self.servers)
+        self._nodes: Dict[str, _Node] = {}
+        for host, port in self.servers:
+            name = f"{host}:{port}"
+            client = PooledClient(
+                (host, port), connect_timeout=connect_timeout, timeout=timeout, no_delay=True,
+                key_prefix=prefix.encode("ascii"), max_pool_size=max_pool_size,
+                pool_idle_timeout=pool_idle_timeout, default_noreply=False)
+            self._nodes[name] = _Node(name, client, retry_after, clock)
+        self._only = next(iter(self._nodes.values())) if len(self._nodes) == 1 else None
+        self._hash = RendezvousHash(list(self._nodes))
 
-    def _make_client(self, connect_timeout: float, timeout: float, max_pool_size: Optional[int],
-                     pool_idle_timeout: float) -> Any:
-        common: Dict[str, Any] = dict(
-            connect_timeout=connect_timeout, timeout=timeout, no_delay=True,
-            key_prefix=self.prefix.encode("ascii"), max_pool_size=max_pool_size,
-            pool_idle_timeout=pool_idle_timeout, default_noreply=False)
-        if len(self.servers) == 1:
-            from pymemcache.client.base import PooledClient
-            return PooledClient(self.servers[0], **common)
-        from pymemcache.client.hash import HashClient
-        # HashClient keeps its own per-server dead list; our breaker covers the
-        # case where every server is gone.
-        return HashClient(self.servers, use_pooling=True, ignore_exc=False, retry_attempts=1,
-                          retry_timeout=0, dead_timeout=self.retry_after, **common)
-
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        probing = False
-        if self._down:  # unlocked read: the common, healthy case takes no lock
-            with self._lock:
-                now = self._clock()
-                if self._down and now < self._retry_at:
-                    raise ProgressUnavailable(f"progress store memcached {self._name} is unavailable; "
-                                              f"retrying in {self._retry_at - now:.1f} s")
-                if self._down:
-                    # Half open: this call probes, the others keep skipping.
-                    self._retry_at = now + self.retry_after
-                    probing = True
-        from pymemcache.exceptions import MemcacheError
-        try:
-            result = fn()
-        except (MemcacheError, OSError) as exc:
-            with self._lock:
-                was_down = self._down
-                self._down = True
-                self._retry_at = self._clock() + self.retry_after
-            if not was_down:
-                log.warning("uploadkit: progress store memcached %s failed on %s (%s: %s); "
-                            "progress is skipped, retrying every %.1f s",
-                            self._name, what, type(exc).__name__, exc, self.retry_after)
-            raise ProgressUnavailable(
-                f"progress store memcached {self._name} is unavailable: {type(exc).__name__}: {exc}"
-            ) from exc
-        if probing:
-            with self._lock:
-                self._down = False
-            log.warning("uploadkit: progress store memcached %s is reachable again", self._name)
-        return result
+    def _node(self, key: str) -> _Node:
+        return self._only or self._nodes[self._hash.get_node(key)]
 
     def get(self, progress_id: str) -> Optional[ProgressValue]:
         key = validate_progress_id(progress_id)
-        raw = self._call("get", lambda: self._client.get(key))
+        raw = self._node(key).call("get", lambda c: c.get(key))
         if raw is None:
             return None
         try:
@@ -405,23 +415,24 @@ class MemcachedStore:
     def set(self, progress_id: str, value: ProgressValue, ttl: int) -> None:
         key = validate_progress_id(progress_id)
         data = _dumps(value).encode("utf-8")
-        self._call("set", lambda: self._client.set(key, data, expire=int(ttl), noreply=False))
+        self._node(key).call("set", lambda c: c.set(key, data, expire=int(ttl), noreply=False))
 
     def delete(self, progress_id: str) -> None:
         key = validate_progress_id(progress_id)
-        self._call("delete", lambda: self._client.delete(key, noreply=False))
+        self._node(key).call("delete", lambda c: c.delete(key, noreply=False))
 
     @property
     def available(self) -> bool:
-        """False while the breaker is open (the last call failed)."""
-        return not self._down
+        """False while any server's breaker is open (its last call failed)."""
+        return not any(node.down for node in self._nodes.values())
 
     def close(self) -> None:
-        """Close the pooled connections (new calls reconnect)."""
-        self._client.close()
+        """Close the pooled connections (later calls reconnect)."""
+        for node in self._nodes.values():
+            node.client.close()
 
     def __repr__(self) -> str:
-        return f"MemcachedStore({self._name!r}, prefix={self.prefix!r})"
+        return f"MemcachedStore({','.join(self._nodes)!r}, prefix={self.prefix!r})"
 
 
 # -- the listener --------------------------------------------------------------------
@@ -466,10 +477,9 @@ class StoreProgress(ProgressListener):
         self.total: Optional[int] = None
         self.started_at: Optional[float] = None
         self.writes = 0  # successful writes, for tests and curiosity
-        self._t0 = 0.0
-        self._files: Deque[_FileState] = deque(maxlen=settings.max_files or None)
+        self._t0 = clock()  # reset by start(); set here for a refusal before start
+        self._files: Deque[_FileState] = deque(maxlen=settings.max_files)
         self._file_count = 0
-        self._current: Optional[_FileState] = None
         self._dirty = False
         self._final = False
         # Throttle: the next intermediate write needs now >= _next_time and
@@ -521,7 +531,6 @@ class StoreProgress(ProgressListener):
             state = _FileState(info)
             self._files.append(state)
             self._file_count += 1
-            self._current = state
             self._dirty = True
         except Exception:
             log.exception("uploadkit: progress listener failed in file_start")
@@ -532,7 +541,6 @@ class StoreProgress(ProgressListener):
                 if state.info is info:
                     state.done = True
                     break
-            self._current = None
             self._dirty = True
             if self._final:
                 return
@@ -717,6 +725,11 @@ class ProgressApp:
     ``bad_callback``, 405 ``method_not_allowed``, 503 ``progress_unavailable``
     when the store cannot be read.
 
+    An event stream holds a server thread for up to ``settings.sse_lifetime``
+    seconds: serve the route from a threaded or async-capable server (gunicorn
+    ``gthread``, waitress...); on a server with a few synchronous workers,
+    clients should poll instead.
+
     :param progress_key: ``environ -> id or None`` replacing the default lookup
         (:func:`progress_id_from_environ`); its result is validated the same way.
     """
@@ -810,12 +823,11 @@ class ProgressApp:
         if first.get("state") in FINAL_STATES:
             return
         while True:
-            remaining = deadline - clock()
-            if remaining <= 0:
+            self._sleep(min(settings.sse_poll, max(0.0, deadline - clock())))
+            now = clock()
+            if now >= deadline:
                 yield b": lifetime over, reconnect\n\n"
                 return
-            self._sleep(min(settings.sse_poll, remaining))
-            now = clock()
             try:
                 value = self._read(progress_id)
             except ProgressUnavailable as exc:

@@ -1,0 +1,818 @@
+"""Progress ids, the two stores (one behaviour suite), the throttled listener
+and the status app called directly. Live servers, threads and processes are
+in test_progress_live.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from wsgiref.headers import Headers
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+from tests.support.memcached import MemcachedServer, memcached_server  # noqa: F401
+from uploadkit.errors import BadProgressId, FileTooLarge, ProgressUnavailable, QuotaExceeded
+from uploadkit.files import FileInfo
+from uploadkit.limits import Limits
+from uploadkit.pipeline import RequestContext
+from uploadkit.progress import (
+    NULL_PROGRESS,
+    PROGRESS_ID_RE,
+    MemcachedStore,
+    MemoryStore,
+    ProgressApp,
+    ProgressListener,
+    ProgressSettings,
+    StoreProgress,
+    progress_id_from_environ,
+    validate_progress_id,
+)
+
+MiB = 1024 * 1024
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# -- ids ----------------------------------------------------------------------------
+
+GOOD_IDS = ["a", "Z", "0", "-", "_", "abc-DEF_123", "x" * 64, "0123456789abcdef" * 4]
+BAD_IDS = ["", "x" * 65, "a b", "a\n", "abc\n", "a\x00", "caf\u00e9", "a/b", "../etc", "a.b", "a:b",
+           "a+b", "key with space", "\u0660", None, 123, b"abc"]
+
+
+@pytest.mark.parametrize("value", GOOD_IDS)
+def test_good_ids_pass(value: str) -> None:
+    assert validate_progress_id(value) == value
+    assert PROGRESS_ID_RE.fullmatch(value)
+
+
+@pytest.mark.parametrize("value", BAD_IDS)
+def test_bad_ids_are_refused(value: Any) -> None:
+    with pytest.raises(BadProgressId) as info:
+        validate_progress_id(value)
+    assert info.value.status == 400 and info.value.code == "bad_progress_id"
+    assert len(info.value.message) < 200  # a huge id is not echoed whole
+
+
+def environ(query: str = "", **headers: str) -> Dict[str, Any]:
+    env: Dict[str, Any] = {"QUERY_STRING": query}
+    env.update(headers)
+    setup_testing_defaults(env)
+    return env
+
+
+def test_id_from_query_then_header() -> None:
+    assert progress_id_from_environ(environ("X-Progress-ID=abc")) == "abc"
+    assert progress_id_from_environ(environ("a=1&x-progress-id=q1")) == "q1"
+    assert progress_id_from_environ(environ("", HTTP_X_PROGRESS_ID="h1")) == "h1"
+    # The query wins over the header.
+    assert progress_id_from_environ(environ("X-Progress-ID=q", HTTP_X_PROGRESS_ID="h")) == "q"
+    assert progress_id_from_environ(environ("")) is None
+    assert progress_id_from_environ(environ("progress=1&a=2")) is None
+    assert progress_id_from_environ({}) is None
+
+
+@pytest.mark.parametrize("env", [
+    environ("X-Progress-ID="),
+    environ("X-Progress-ID=a%20b"),
+    environ("X-Progress-ID=" + "x" * 65),
+    environ("X-Progress-ID=a%0A"),
+    environ("", HTTP_X_PROGRESS_ID=""),
+    environ("", HTTP_X_PROGRESS_ID="a b"),
+])
+def test_present_but_malformed_ids_raise(env: Dict[str, Any]) -> None:
+    with pytest.raises(BadProgressId):
+        progress_id_from_environ(env)
+
+
+def test_null_listener_is_a_listener() -> None:
+    assert isinstance(NULL_PROGRESS, ProgressListener)
+    NULL_PROGRESS.advance(1, None)
+    NULL_PROGRESS.processing()
+
+
+# -- one behaviour suite for both stores -------------------------------------------
+
+class StoreUnderTest:
+    """A store plus a way to let its time pass (fake for memory, real for memcached)."""
+
+    def __init__(self, store: Any, wait: Callable[[float], None], kind: str) -> None:
+        self.store = store
+        self.wait = wait
+        self.kind = kind
+
+
+@pytest.fixture(params=["memory", "memcached"])
+def any_store(request: pytest.FixtureRequest) -> Iterator[StoreUnderTest]:
+    if request.param == "memory":
+        clock = FakeClock()
+        yield StoreUnderTest(MemoryStore(clock=clock), clock.advance, "memory")
+    else:
+        server: MemcachedServer = request.getfixturevalue("memcached_server")
+        store = MemcachedStore(server.address)
+        yield StoreUnderTest(store, time.sleep, "memcached")
+        store.close()
+
+
+def test_store_unknown_id_is_none(any_store: StoreUnderTest) -> None:
+    assert any_store.store.get("never-set") is None
+
+
+def test_store_round_trip_and_replace(any_store: StoreUnderTest) -> None:
+    s = any_store.store
+    value = {"state": "uploading", "received": 10, "size": 100, "rate": None,
+             "files": [{"field": "f", "filename": "\u00e9t\u00e9 \u2603.png", "received": 3, "done": False}]}
+    s.set("u1", value, 60)
+    assert s.get("u1") == value
+    s.set("u1", {"state": "done", "received": 100, "size": 100}, 60)
+    assert s.get("u1") == {"state": "done", "received": 100, "size": 100}
+    assert s.get("u2") is None
+
+
+def test_store_returns_copies(any_store: StoreUnderTest) -> None:
+    s = any_store.store
+    s.set("c", {"files": [{"done": False}]}, 60)
+    got = s.get("c")
+    got["files"][0]["done"] = True
+    assert s.get("c") == {"files": [{"done": False}]}
+
+
+def test_store_delete(any_store: StoreUnderTest) -> None:
+    s = any_store.store
+    s.set("d", {"state": "done"}, 60)
+    s.delete("d")
+    assert s.get("d") is None
+    s.delete("d")  # unknown: no error
+
+
+def test_store_entries_expire(any_store: StoreUnderTest) -> None:
+    s = any_store.store
+    s.set("short", {"state": "done"}, 1)
+    s.set("long", {"state": "done"}, 60)
+    assert s.get("short") == {"state": "done"}
+    # memcached counts whole seconds: an item with ttl 1 is gone within 2 s.
+    any_store.wait(2.05)
+    assert s.get("short") is None
+    assert s.get("long") == {"state": "done"}
+
+
+def test_store_ttl_is_renewed_by_each_write(any_store: StoreUnderTest) -> None:
+    s = any_store.store
+    s.set("live", {"received": 1}, 3)
+    any_store.wait(1.6)
+    s.set("live", {"received": 2}, 3)
+    any_store.wait(1.6)  # past the first write's expiry (at most 3 s), not the second's
+    assert s.get("live") == {"received": 2}
+
+
+def test_store_is_thread_safe(any_store: StoreUnderTest) -> None:
+    s = any_store.store
+    errors: List[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(40):
+                s.set(f"t{n}", {"n": n, "i": i}, 60)
+                got = s.get(f"t{n}")
+                assert got == {"n": n, "i": i}
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert [s.get(f"t{n}") for n in range(8)] == [{"n": n, "i": 39} for n in range(8)]
+
+
+def test_memory_store_is_bounded() -> None:
+    store = MemoryStore(max_entries=3)
+    for name in "abc":
+        store.set(name, {"id": name}, 60)
+    store.set("a", {"id": "a2"}, 60)  # rewritten: now the most recent
+    store.set("d", {"id": "d"}, 60)  # evicts the least recently written: b
+    assert len(store) == 3
+    assert store.get("b") is None
+    assert [store.get(n) for n in "acd"] == [{"id": "a2"}, {"id": "c"}, {"id": "d"}]
+    for i in range(1000):
+        store.set(f"abandoned-{i}", {"i": i}, 60)
+    assert len(store) == 3
+
+
+def test_memory_store_sweeps_expired_entries_on_write() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    for i in range(100):
+        store.set(f"old{i}", {}, 10)
+    clock.advance(11)
+    store.set("new", {}, 10)
+    assert len(store) == 1
+
+
+def test_memory_store_checks_its_bound() -> None:
+    with pytest.raises(ValueError, match="max_entries"):
+        MemoryStore(max_entries=0)
+
+
+# -- memcached specifics --------------------------------------------------------------
+
+def test_memcached_prefix_separates_sites(memcached_server: MemcachedServer) -> None:  # noqa: F811
+    a = MemcachedStore(memcached_server.address, prefix="site-a:")
+    b = MemcachedStore([("127.0.0.1", memcached_server.port)], prefix="site-b:")
+    a.set("same", {"site": "a"}, 60)
+    b.set("same", {"site": "b"}, 60)
+    assert a.get("same") == {"site": "a"} and b.get("same") == {"site": "b"}
+    from pymemcache.client.base import Client
+    raw = Client(("127.0.0.1", memcached_server.port))
+    assert json.loads(raw.get("site-a:same")) == {"site": "a"}
+    raw.set("site-a:junk", b"not json{")
+    assert a.get("junk") is None  # a foreign value is not trusted
+    raw.close()
+    a.close()
+    b.close()
+
+
+def test_memcached_store_refuses_bad_ids_before_the_network() -> None:
+    store = MemcachedStore("127.0.0.1:9")  # nothing listens there, nothing is sent
+    for bad in ["a b", "x" * 65, "a\r\nflush_all"]:
+        with pytest.raises(BadProgressId):
+            store.set(bad, {}, 60)
+        with pytest.raises(BadProgressId):
+            store.get(bad)
+    assert store.available
+
+
+def test_memcached_store_checks_prefix() -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        MemcachedStore(prefix="has space")
+
+
+def test_memcached_several_servers_one_down() -> None:
+    from tests.support.memcached import start_memcached
+    a, b = start_memcached(), start_memcached()
+    store = MemcachedStore([a.address, b.address], retry_after=60)
+    try:
+        ids = [f"k{i}" for i in range(40)]
+        for i, key in enumerate(ids):
+            store.set(key, {"i": i}, 60)
+        assert [store.get(k) for k in ids] == [{"i": i} for i in range(40)]
+        from pymemcache.client.base import Client
+        raw = Client(("127.0.0.1", a.port))
+        on_a = {k for k in ids if raw.get("uploadkit:" + k) is not None}
+        raw.close()
+        assert 0 < len(on_a) < 40  # spread over both
+        b.stop()
+        for key in ids:  # keys stay on their server: b's are unavailable, a's still work
+            if key in on_a:
+                assert store.get(key) is not None
+                store.set(key, {"again": True}, 60)
+            else:
+                with pytest.raises(ProgressUnavailable):
+                    store.get(key)
+        assert not store.available
+    finally:
+        store.close()
+        a.stop()
+        b.stop()
+
+
+def test_memcached_breaker_skips_then_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.support.memcached import find_memcached, free_port
+    port = free_port()
+    store = MemcachedStore(f"127.0.0.1:{port}", retry_after=0.3)
+    caplog.set_level(logging.WARNING, logger="uploadkit.progress")
+    with pytest.raises(ProgressUnavailable):
+        store.set("x", {}, 60)
+    assert not store.available
+    t0 = time.perf_counter()
+    for _ in range(1000):  # the breaker is open: no network, no waiting
+        with pytest.raises(ProgressUnavailable):
+            store.set("x", {}, 60)
+    assert time.perf_counter() - t0 < 0.5
+    assert len([r for r in caplog.records if "failed" in r.getMessage()]) == 1
+    server = MemcachedServer(find_memcached(), port)
+    server.start()
+    try:
+        time.sleep(0.35)
+        store.set("x", {"back": True}, 60)
+        assert store.available and store.get("x") == {"back": True}
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+    finally:
+        store.close()
+        server.stop()
+
+
+# -- the listener -----------------------------------------------------------------------
+
+class RecordingStore(MemoryStore):
+    """A MemoryStore that keeps every value written, with its ttl."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.writes: List[Tuple[str, Dict[str, Any], int]] = []
+
+    def set(self, progress_id: str, value: Dict[str, Any], ttl: int) -> None:
+        self.writes.append((progress_id, json.loads(json.dumps(value)), ttl))
+        super().set(progress_id, value, ttl)
+
+    def states(self) -> List[str]:
+        return [v["state"] for _, v, _ in self.writes]
+
+
+class FailingStore:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get(self, progress_id: str) -> Optional[Dict[str, Any]]:
+        raise ConnectionError("store is down")
+
+    def set(self, progress_id: str, value: Dict[str, Any], ttl: int) -> None:
+        self.calls += 1
+        raise ConnectionError("store is down")
+
+    def delete(self, progress_id: str) -> None:
+        raise ConnectionError("store is down")
+
+
+def ctx(length: Optional[int]) -> RequestContext:
+    return RequestContext(limits=Limits(), content_length=length)
+
+
+def file_info(name: str, index: int = 0, field: str = "file") -> FileInfo:
+    return FileInfo(field_name=field, filename=name, raw_filename=name, declared_type="",
+                    content_type="application/octet-stream", headers=Headers([]), index=index)
+
+
+def listener(store: Any, settings: ProgressSettings = ProgressSettings(),
+             clock: Optional[FakeClock] = None) -> Tuple[StoreProgress, FakeClock]:
+    clock = clock or FakeClock()
+    return StoreProgress(store, "up-1", settings, clock=clock, wall_clock=lambda: 1_700_000_000.0), clock
+
+
+def test_listener_refuses_a_bad_id() -> None:
+    with pytest.raises(BadProgressId):
+        StoreProgress(MemoryStore(), "no spaces")
+
+
+def test_first_and_final_states_always_written() -> None:
+    store = RecordingStore()
+    p, clock = listener(store)
+    p.start(ctx(1000))
+    p.advance(1000, 1000)  # same instant: throttled
+    p.processing()
+    p.done(ctx(1000))
+    assert store.states() == ["uploading", "processing", "done"]
+    first = store.writes[0][1]
+    assert first["received"] == 0 and first["size"] == 1000 and first["started_at"] == 1_700_000_000.0
+    done = store.get("up-1")
+    assert done is not None
+    assert (done["state"], done["received"], done["size"], done["eta"]) == ("done", 1000, 1000, 0.0)
+    # ttl: long while uploading, short once final
+    assert [ttl for *_, ttl in store.writes] == [300, 300, 60]
+
+
+def test_writes_are_throttled_by_time() -> None:
+    store = RecordingStore()
+    p, clock = listener(store)
+    total = 1000 * MiB
+    p.start(ctx(total))
+    for i in range(1, 1001):  # 1000 reads of 1 MiB, 1 ms apart: one second in all
+        clock.advance(0.001)
+        p.advance(i * MiB, total)
+    p.processing()
+    p.done(ctx(total))
+    middle = store.states()[1:-2]
+    # one write per 250 ms, not one per read
+    assert 3 <= len(middle) <= 4, store.states()
+    receiveds = [v["received"] for _, v, _ in store.writes]
+    assert receiveds == sorted(receiveds)
+
+
+def test_small_moves_wait_for_min_percent_or_refresh() -> None:
+    store = RecordingStore()
+    p, clock = listener(store, ProgressSettings(interval=0.25, min_percent=1.0, refresh=2.0))
+    total = 100_000
+    p.start(ctx(total))
+    # A slow client: 0.1% every 0.5 s. 1% takes 5 s; refresh forces one every 2 s.
+    received = 0
+    for _ in range(20):  # 10 s
+        clock.advance(0.5)
+        received += 100
+        p.advance(received, total)
+    times = [v["elapsed"] for _, v, _ in store.writes[1:]]
+    assert times == [2.0, 4.0, 6.0, 8.0, 10.0]
+    # a jump of 1% is written as soon as the interval allows
+    clock.advance(0.3)
+    p.advance(received + 1000, total)
+    assert store.writes[-1][1]["received"] == received + 1000
+
+
+def test_chunked_body_reports_bytes_seen_as_size() -> None:
+    store = RecordingStore()
+    p, clock = listener(store)
+    p.start(ctx(None))
+    clock.advance(0.3)
+    p.advance(5000, None)
+    value = store.get("up-1")
+    assert value is not None
+    assert (value["received"], value["size"], value["eta"]) == (5000, 5000, None)
+    p.processing()
+    p.done(ctx(None))
+    assert store.get("up-1") == {**store.get("up-1"), "state": "done", "received": 5000, "size": 5000}  # type: ignore[dict-item]
+
+
+def test_rate_and_eta_at_a_steady_speed() -> None:
+    store = RecordingStore()
+    p, clock = listener(store)
+    total = 100 * MiB
+    p.start(ctx(total))
+    for i in range(1, 41):  # 1 MiB every 0.1 s: 10 MiB/s for 4 s
+        clock.advance(0.1)
+        p.advance(i * MiB, total)
+    value = store.get("up-1")
+    assert value is not None
+    assert value["rate"] == pytest.approx(10 * MiB, rel=0.01)
+    remaining = total - value["received"]
+    assert value["eta"] == pytest.approx(remaining / (10 * MiB), abs=0.1)
+    # the speed halves: the smoothed rate follows within a few time constants
+    received = 40 * MiB
+    for _ in range(300):
+        clock.advance(0.2)
+        received += MiB
+        p.advance(received, total * 10)
+    value = store.get("up-1")
+    assert value is not None and value["rate"] == pytest.approx(5 * MiB, rel=0.05)
+
+
+def test_per_file_detail() -> None:
+    store = RecordingStore()
+    p, clock = listener(store)
+    p.start(ctx(10_000))
+    a, b = file_info("a.png"), file_info("b.txt", 1, "other")
+    p.file_start(a)
+    a.size = 3000
+    clock.advance(0.3)
+    p.advance(3200, 10_000)
+    assert store.get("up-1")["files"] == [  # type: ignore[index]
+        {"field": "file", "filename": "a.png", "received": 3000, "done": False}]
+    p.file_end(a)
+    p.file_start(b)
+    b.size = 500
+    clock.advance(0.3)
+    p.advance(3900, 10_000)
+    files = store.get("up-1")["files"]  # type: ignore[index]
+    assert files == [{"field": "file", "filename": "a.png", "received": 3000, "done": True},
+                     {"field": "other", "filename": "b.txt", "received": 500, "done": False}]
+    p.processing()  # b had no file_end (skipped): still counted as done
+    assert [f["done"] for f in store.get("up-1")["files"]] == [True, True]  # type: ignore[index]
+
+
+def test_file_list_is_capped() -> None:
+    store = RecordingStore()
+    p, clock = listener(store, ProgressSettings(max_files=3))
+    p.start(ctx(None))
+    for i in range(10):
+        info = file_info(f"f{i}", i)
+        p.file_start(info)
+        p.file_end(info)
+    p.processing()
+    value = store.get("up-1")
+    assert value is not None
+    assert [f["filename"] for f in value["files"]] == ["f7", "f8", "f9"]
+    assert value["file_count"] == 10
+
+    store = RecordingStore()
+    p, clock = listener(store, ProgressSettings(max_files=0))  # no per-file detail at all
+    p.start(ctx(None))
+    p.file_start(file_info("a"))
+    p.processing()
+    value = store.get("up-1")
+    assert value is not None and value["files"] == [] and value["file_count"] == 1
+
+
+def test_error_state_is_final() -> None:
+    store = RecordingStore()
+    p, clock = listener(store)
+    p.start(ctx(10 * MiB))
+    clock.advance(1)
+    p.advance(5 * MiB, 10 * MiB)
+    exc = FileTooLarge("file 'a.bin' is larger than the limit of 4.0 MiB", field="file", limit=4 * MiB)
+    p.error(exc)
+    clock.advance(1)
+    p.advance(6 * MiB, 10 * MiB)
+    p.error(QuotaExceeded("later"))
+    p.done(ctx(10 * MiB))
+    assert store.states() == ["uploading", "uploading", "error"]
+    value = store.get("up-1")
+    assert value is not None
+    assert value["state"] == "error" and value["status"] == 413
+    assert value["error"] == exc.to_dict()["error"]
+    assert store.writes[-1][2] == 60
+
+
+def test_listener_never_raises_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    store = FailingStore()
+    caplog.set_level(logging.DEBUG, logger="uploadkit.progress")
+    for n in range(3):  # three uploads during one outage
+        p, clock = listener(store, ProgressSettings(store_retry=5.0))
+        p.start(ctx(100 * MiB))
+        info = file_info("x")
+        p.file_start(info)
+        for i in range(100):
+            clock.advance(0.1)
+            p.advance(i * MiB, 100 * MiB)
+        p.file_end(info)
+        p.processing()
+        p.done(ctx(100 * MiB))
+        p.error(QuotaExceeded("x"))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "store is down" in warnings[0].getMessage()
+    # per upload: start, then at most two retries in 10 s (every 5 s), processing, done
+    assert store.calls <= 3 * 5
+
+
+def test_listener_logs_recovery(caplog: pytest.LogCaptureFixture) -> None:
+    class Flaky(RecordingStore):
+        down = True
+
+        def set(self, progress_id: str, value: Dict[str, Any], ttl: int) -> None:
+            if self.down:
+                raise OSError("flaky")
+            super().set(progress_id, value, ttl)
+
+    store = Flaky()
+    caplog.set_level(logging.WARNING, logger="uploadkit.progress")
+    p, clock = listener(store, ProgressSettings(store_retry=1.0))
+    p.start(ctx(100))
+    store.down = False
+    clock.advance(0.5)
+    p.advance(50, 100)
+    assert store.writes == []  # still waiting out store_retry
+    clock.advance(0.6)
+    p.advance(60, 100)
+    assert store.states() == ["uploading"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("flaky" in m for m in messages) and any("works again" in m for m in messages)
+
+
+def test_advance_is_cheap_between_writes() -> None:
+    p = StoreProgress(MemoryStore(), "fast")
+    p.start(ctx(1 << 40))
+    t0 = time.perf_counter()
+    for i in range(200_000):
+        p.advance(i, 1 << 40)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0, f"{elapsed:.3f} s for 200k advance calls"
+    assert p.writes <= 1 + int(elapsed / 0.25) + 1
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="interval"):
+        ProgressSettings(interval=0)
+    with pytest.raises(ValueError, match="min_percent"):
+        ProgressSettings(min_percent=101)
+    with pytest.raises(ValueError, match="ttl"):
+        ProgressSettings(ttl=31 * 86400)
+    with pytest.raises(ValueError, match="sse_lifetime"):
+        ProgressSettings(sse_lifetime=float("inf"))
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ProgressSettings().interval = 1.0  # type: ignore[misc]
+
+
+def test_listener_through_the_reader() -> None:
+    from uploadkit.multipart import encode_multipart
+    from uploadkit.reader import read_multipart
+
+    body, ctype = encode_multipart([("title", "t")], [("file", "a.bin", "application/octet-stream", b"a" * 300_000),
+                                                       ("file", "b.bin", "application/octet-stream", b"b" * 5000)])
+    store = RecordingStore()
+    p = StoreProgress(store, "r1", ProgressSettings(interval=0.001))
+    pipe = read_multipart(io.BytesIO(body), content_type=ctype, content_length=len(body), progress=p,
+                          read_size=16384)
+    pipe.close()
+    value = store.get("r1")
+    assert value is not None
+    assert (value["state"], value["received"], value["size"]) == ("done", len(body), len(body))
+    assert value["files"] == [
+        {"field": "file", "filename": "a.bin", "received": 300_000, "done": True},
+        {"field": "file", "filename": "b.bin", "received": 5000, "done": True}]
+    assert store.states()[-2:] == ["processing", "done"]
+
+    store2 = RecordingStore()
+    p2 = StoreProgress(store2, "r2")
+    with pytest.raises(FileTooLarge):
+        read_multipart(io.BytesIO(body), content_type=ctype, content_length=len(body), progress=p2,
+                       limits=Limits(max_file_size=100_000), read_size=16384)
+    value = store2.get("r2")
+    assert value is not None and value["state"] == "error" and value["status"] == 413
+    assert value["error"]["code"] == "file_too_large"
+
+
+# -- the status app, called directly ------------------------------------------------------
+
+class Response:
+    def __init__(self, app: Any, env: Dict[str, Any]) -> None:
+        self.status = ""
+        self.headers: Dict[str, str] = {}
+
+        def start_response(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> None:
+            self.status = status
+            self.headers = dict(headers)
+
+        result = app(env, start_response)
+        self.chunks = list(result)
+        if hasattr(result, "close"):
+            result.close()
+        self.body = b"".join(self.chunks)
+
+    @property
+    def code(self) -> int:
+        return int(self.status.split()[0])
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(app: Any, query: str = "", path: str = "/upload/progress", method: str = "GET",
+         **headers: str) -> Response:
+    env = environ(query, **headers)
+    env["PATH_INFO"] = path
+    env["REQUEST_METHOD"] = method
+    return Response(app, env)
+
+
+def test_app_unknown_id_is_starting() -> None:
+    r = call(ProgressApp(MemoryStore()), "X-Progress-ID=nobody")
+    assert r.code == 200 and r.json() == {"state": "starting"}
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_app_answers_the_stored_status() -> None:
+    store = MemoryStore()
+    store.set("abc", {"state": "uploading", "received": 5, "size": 10}, 60)
+    app = ProgressApp(store)
+    assert call(app, "X-Progress-ID=abc").json() == {"state": "uploading", "received": 5, "size": 10}
+    assert call(app, "", HTTP_X_PROGRESS_ID="abc").json()["received"] == 5
+    head = call(app, "X-Progress-ID=abc", method="HEAD")
+    assert head.code == 200 and head.body == b"" and int(head.headers["Content-Length"]) > 0
+
+
+@pytest.mark.parametrize("query,headers", [
+    ("", {}),
+    ("X-Progress-ID=", {}),
+    ("X-Progress-ID=a%20b", {}),
+    ("X-Progress-ID=" + "x" * 65, {}),
+    ("", {"HTTP_X_PROGRESS_ID": "../../etc/passwd"}),
+])
+def test_app_bad_ids_are_400(query: str, headers: Dict[str, str]) -> None:
+    r = call(ProgressApp(MemoryStore()), query, **headers)
+    assert r.code == 400 and r.json()["error"]["code"] == "bad_progress_id"
+    assert r.headers["Content-Type"] == "application/json"
+
+
+def test_app_jsonp() -> None:
+    store = MemoryStore()
+    store.set("abc", {"state": "done", "received": 1, "size": 1}, 60)
+    r = call(ProgressApp(store), "X-Progress-ID=abc&callback=jQuery3_1.cb$")
+    assert r.code == 200
+    assert r.headers["Content-Type"].startswith("application/javascript")
+    assert r.body == b'/**/jQuery3_1.cb$({"state":"done","received":1,"size":1});'
+
+
+@pytest.mark.parametrize("callback", ["", "alert(1)", "a;b", "1abc", "a..b", "a.", "<script>", "a b",
+                                      "x" * 65, "a.b.c.d.e", "caf\u00e9", "a%0Ab"])
+def test_app_bad_callbacks_are_400(callback: str) -> None:
+    from urllib.parse import quote
+    r = call(ProgressApp(MemoryStore()), "X-Progress-ID=abc&callback=" + quote(callback))
+    assert r.code == 400 and r.json()["error"]["code"] == "bad_callback"
+    assert r.headers["Content-Type"] == "application/json"
+
+
+def test_app_refuses_other_methods() -> None:
+    r = call(ProgressApp(MemoryStore()), "X-Progress-ID=abc", method="POST")
+    assert r.code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert r.headers["Allow"] == "GET, HEAD"
+
+
+def test_app_store_failure_is_503() -> None:
+    r = call(ProgressApp(FailingStore()), "X-Progress-ID=abc")  # type: ignore[arg-type]
+    assert r.code == 503 and r.json()["error"]["code"] == "progress_unavailable"
+    assert "store is down" not in r.body.decode()  # internals stay in the log
+
+
+def test_app_progress_key() -> None:
+    store = MemoryStore()
+    store.set("sess-42", {"state": "processing"}, 60)
+
+    def key(env: Dict[str, Any]) -> Optional[str]:
+        cookie = env.get("HTTP_COOKIE", "")
+        return cookie.split("=", 1)[1] if cookie.startswith("sid=") else None
+
+    app = ProgressApp(store, progress_key=key)
+    assert call(app, "", HTTP_COOKIE="sid=sess-42").json() == {"state": "processing"}
+    assert call(app, "X-Progress-ID=sess-42").code == 400  # the key replaces the default lookup
+    assert call(app, "", HTTP_COOKIE="sid=bad id").json()["error"]["code"] == "bad_progress_id"
+
+
+def test_app_serves_the_script() -> None:
+    app = ProgressApp(MemoryStore())
+    r = call(app, path="/upload/progress/uploadkit.js")
+    assert r.code == 200
+    assert r.headers["Content-Type"] == "application/javascript; charset=utf-8"
+    assert b"uploadkit" in r.body and b"X-Progress-ID" in r.body
+    again = call(app, path="/upload/progress/uploadkit.js", HTTP_IF_NONE_MATCH=r.headers["ETag"])
+    assert again.code == 304 and again.body == b""
+    assert call(app, path="/upload/progress/uploadkit.js", method="DELETE").code == 405
+
+
+class ScriptedStore(MemoryStore):
+    """Replays a list of values, one per get; None once exhausted means 'same as last'."""
+
+    def __init__(self, values: List[Optional[Dict[str, Any]]]) -> None:
+        super().__init__()
+        self.values = list(values)
+        self.last: Optional[Dict[str, Any]] = None
+        self.reads = 0
+
+    def get(self, progress_id: str) -> Optional[Dict[str, Any]]:
+        self.reads += 1
+        if self.values:
+            self.last = self.values.pop(0)
+        return self.last
+
+
+def sse_events(body: bytes) -> List[str]:
+    return [block for block in body.decode().split("\n\n") if block]
+
+
+def test_sse_streams_changes_until_final() -> None:
+    clock = FakeClock()
+    store = ScriptedStore([None, None, {"state": "uploading", "received": 1, "size": 3},
+                           {"state": "uploading", "received": 1, "size": 3},
+                           {"state": "uploading", "received": 2, "size": 3},
+                           {"state": "done", "received": 3, "size": 3}])
+    app = ProgressApp(store, ProgressSettings(sse_poll=0.25), clock=clock, sleep=clock.advance)
+    r = call(app, "X-Progress-ID=abc", HTTP_ACCEPT="text/event-stream")
+    assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert r.headers["Cache-Control"] == "no-store"
+    blocks = sse_events(r.body)
+    assert blocks[0].startswith("retry: 1000\n")
+    data = [json.loads(line[6:]) for b in blocks for line in b.split("\n") if line.startswith("data: ")]
+    assert [d["state"] for d in data] == ["starting", "uploading", "uploading", "done"]
+    assert [d.get("received") for d in data] == [None, 1, 2, 3]
+
+
+def test_sse_heartbeats_and_bounded_lifetime() -> None:
+    clock = FakeClock()
+    store = ScriptedStore([None])
+    app = ProgressApp(store, ProgressSettings(sse_poll=0.5, sse_heartbeat=2.0, sse_lifetime=10.0),
+                      clock=clock, sleep=clock.advance)
+    t0 = clock.now
+    r = call(app, "X-Progress-ID=abc", HTTP_ACCEPT="text/event-stream")
+    blocks = sse_events(r.body)
+    assert blocks.count(": keepalive") == 4  # at 2, 4, 6, 8 s
+    assert blocks[-1].startswith(": lifetime over")
+    assert clock.now - t0 == pytest.approx(10.0)
+    assert store.reads == 1 + 19  # at 0, then every 0.5 s until 9.5 s
+
+
+def test_sse_store_failure_mid_stream() -> None:
+    clock = FakeClock()
+
+    class Dying(ScriptedStore):
+        def get(self, progress_id: str) -> Optional[Dict[str, Any]]:
+            value = super().get(progress_id)
+            if self.reads > 2:
+                raise ConnectionError("gone")
+            return value
+
+    app = ProgressApp(Dying([{"state": "uploading", "received": 1, "size": 2}]),
+                      clock=clock, sleep=clock.advance)
+    blocks = sse_events(call(app, "X-Progress-ID=abc", HTTP_ACCEPT="text/event-stream").body)
+    assert blocks[-1].startswith("event: unavailable\ndata: ")
+    assert json.loads(blocks[-1].split("data: ", 1)[1])["error"]["code"] == "progress_unavailable"
+
+
+def test_sse_for_a_finished_upload_is_one_event() -> None:
+    store = MemoryStore()
+    store.set("abc", {"state": "error", "status": 413}, 60)
+    r = call(ProgressApp(store), "X-Progress-ID=abc", HTTP_ACCEPT="text/event-stream")
+    assert sse_events(r.body) == ['retry: 1000\ndata: {"state":"error","status":413}']
