@@ -549,17 +549,22 @@ def _open_image(fp: IO[bytes], header: ImageHeader, max_pixels: int) -> ImageFil
     """
     _check_pixels(header.width, header.height, max_pixels)
     fp.seek(0)
+    pillow_limit = Image.MAX_IMAGE_PIXELS or 0
     try:
-        if header.pixels is not None and header.pixels <= (Image.MAX_IMAGE_PIXELS or 0):
+        if max_pixels <= pillow_limit or (header.pixels is not None and header.pixels <= pillow_limit):
+            # Pillow cannot warn about an image we accept. It may warn about
+            # one over both limits (TIFF, AVIF: sizes we learn from Pillow),
+            # which is refused just below anyway.
             im = Image.open(fp, formats=[header.format])
         else:
-            # Pillow warns between its own limit and twice it; pytest (and some
-            # apps) run with warnings as errors. Our limit has been checked (or
-            # is checked right below, for formats whose header we don't parse).
+            # A limit above Pillow's: silence its warning (between its limit
+            # and twice it) for this call. catch_warnings is process-wide, so
+            # this path is kept for such deliberately large limits.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im = Image.open(fp, formats=[header.format])
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning arrives as an exception when warnings are errors.
         raise BadImage(f"the image is too large to decode: {exc}", limit=max_pixels) from exc
     except _DECODE_ERRORS as exc:
         raise BadImage(f"the {header.format} image cannot be read: {exc}") from exc

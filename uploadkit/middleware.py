@@ -238,7 +238,7 @@ class UploadMiddleware:
             log.info("uploadkit: refused %s %s: %s", environ.get("REQUEST_METHOD"),
                      environ.get("PATH_INFO"), exc.message)
             return _json_error(start_response, exc)
-        self._hand_over(environ, pipeline)
+        self.hand_over(environ, pipeline)
         try:
             result = self.app(environ, start_response)
         except BaseException:
@@ -262,7 +262,7 @@ class UploadMiddleware:
         except (OSError, ValueError):
             return
 
-    def _hand_over(self, environ: Environ, pipeline: Pipeline) -> None:
+    def hand_over(self, environ: Environ, pipeline: Pipeline) -> None:
         """Give the app the files and a small body that describes them."""
         ctx = pipeline.ctx
         files: MultiDict = MultiDict()

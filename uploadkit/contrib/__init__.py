@@ -499,7 +499,7 @@ def stream_upload(engine: UploadMiddleware, environ: Environ, stream: Any,
         if content_length is not None and exc.code != "client_disconnected":
             _drain(counted, content_length - counted.count, engine.drain_limit)
         raise
-    engine._hand_over(environ, pipeline)
+    engine.hand_over(environ, pipeline)
     return pipeline
 
 
