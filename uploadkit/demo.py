@@ -7,6 +7,7 @@ memory, files in a local directory named on start-up.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import sys
@@ -35,8 +36,10 @@ def _json(start_response: StartResponse, status: str, payload: Any) -> List[byte
 class DemoApp:
     """The app behind the middleware: it only sees finished, stored files."""
 
-    def __init__(self, storage: Any, allowed_delete: bool = True) -> None:
+    def __init__(self, storage: Any, allowed_delete: bool = True,
+                 max_file_size: Optional[int] = None, max_files: Optional[int] = None) -> None:
         self.storage = storage
+        self.page = render_page(max_file_size, max_files)
         self.items: List[Dict[str, Any]] = []
         self.lock = threading.Lock()
         self.media = storage.app(authorize=lambda environ, action, key: allowed_delete)
@@ -54,7 +57,7 @@ class DemoApp:
         path = environ.get("PATH_INFO", "/")
         method = environ.get("REQUEST_METHOD", "GET")
         if path == "/" and method in ("GET", "HEAD"):
-            body = PAGE.encode("utf-8")
+            body = self.page
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                                       ("Content-Length", str(len(body)))])
             return [body]
@@ -102,12 +105,12 @@ def build_demo(storage_url: Optional[str] = None, memcached: Optional[str] = Non
         storage_url = "file://" + tempfile.mkdtemp(prefix="uploadkit-demo-")
     storage = Storage(storage_url, base_url=MEDIA_PREFIX, upload_to="{date:%Y/%m/%d}/{uuid}{ext}")
     store = MemcachedStore(memcached) if memcached else MemoryStore()
-    app = DemoApp(storage)
+    limits = Limits(max_file_size=max_file_size, max_files=20)
+    app = DemoApp(storage, max_file_size=limits.max_file_size, max_files=limits.max_files)
     mw = UploadMiddleware(
         app, storage=storage, progress=store, progress_path="/upload/progress", tempdir=tempdir,
         thumbnails=Thumbnailer(sizes=[(200, 200), (400, 400)], mode="fit"),
-        limits=Limits(max_file_size=max_file_size, max_files=20),
-        paths=["/upload"])
+        limits=limits, paths=["/upload"])
     mw.demo_storage_url = storage_url  # type: ignore[attr-defined]
     return mw
 
@@ -131,6 +134,18 @@ def serve(host: str = "127.0.0.1", port: int = 8000, storage_url: Optional[str] 
     return 0
 
 
+def render_page(max_file_size: Optional[int] = None, max_files: Optional[int] = None) -> bytes:
+    """The demo page, with the limits it runs under written in the drop zone."""
+    from .errors import format_size
+
+    parts = []
+    if max_files:
+        parts.append(f"up to {max_files} files at once")
+    parts.append(f"{format_size(max_file_size)} each" if max_file_size else "any size")
+    text = "Any type: " + ", ".join(parts) + "; images get thumbnails."
+    return PAGE.replace("__LIMITS__", html.escape(text)).encode("utf-8")
+
+
 PAGE = r"""<!doctype html>
 <html lang="en">
 <head>
@@ -141,31 +156,34 @@ PAGE = r"""<!doctype html>
   :root { --fg:#1d2330; --muted:#677185; --line:#dfe3ea; --accent:#3d6df2; --ok:#1f9d55; --bad:#d64545; }
   * { box-sizing: border-box; }
   body { margin:0; font:15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color:var(--fg); background:#f6f7fb; }
+  header, main { max-width:1100px; margin:0 auto; }
   header { padding:28px 32px 8px; }
   h1 { margin:0; font-size:24px; } header p { margin:4px 0 0; color:var(--muted); }
-  main { padding:16px 32px 48px; max-width:1100px; }
+  main { padding:16px 32px 48px; }
   #drop { border:2px dashed #b8c2d6; border-radius:14px; background:#fff; padding:36px; text-align:center; transition:.15s; }
   #drop.over { border-color:var(--accent); background:#eef3ff; }
   #drop label { color:var(--accent); cursor:pointer; font-weight:600; text-decoration:underline; }
   #drop small { display:block; color:var(--muted); margin-top:6px; }
   #queue { list-style:none; padding:0; margin:18px 0; }
   #queue li { background:#fff; border:1px solid var(--line); border-radius:10px; padding:10px 14px; margin-bottom:8px; }
-  .row { display:flex; justify-content:space-between; gap:12px; }
-  .name { font-weight:600; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
-  .state { color:var(--muted); white-space:nowrap; }
+  .row { display:flex; justify-content:space-between; align-items:baseline; gap:16px; }
+  .name { font-weight:600; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; min-width:0; }
+  .state { color:var(--muted); text-align:right; font-variant-numeric:tabular-nums; }
   .bar { height:8px; background:#edf0f5; border-radius:4px; margin-top:8px; overflow:hidden; }
   .bar > div { height:100%; width:0; background:var(--accent); transition:width .2s; }
-  li.done .bar > div { background:var(--ok); } li.error .bar > div { background:var(--bad); width:100% !important; }
+  li.done .bar > div { background:var(--ok); } li.error .bar > div { background:var(--bad); }
   li.error .state { color:var(--bad); } li.done .state { color:var(--ok); }
   h2 { font-size:18px; margin:28px 0 10px; }
   #gallery { display:grid; grid-template-columns:repeat(auto-fill, minmax(210px, 1fr)); gap:14px; }
   .card { background:#fff; border:1px solid var(--line); border-radius:12px; overflow:hidden; display:flex; flex-direction:column; }
   .thumb { height:170px; display:flex; align-items:center; justify-content:center; background:#eef0f4; color:var(--muted); font-size:13px; }
   .thumb img { max-width:100%; max-height:100%; }
-  .meta { padding:10px 12px; font-size:13px; }
+  .meta { padding:10px 12px; font-size:13px; flex:1; }
   .meta .name { font-size:14px; } .meta code { font-size:11px; color:var(--muted); }
+  .meta .problem { color:var(--bad); }
   .actions { display:flex; gap:8px; padding:0 12px 12px; }
   .actions a, .actions button { font:inherit; font-size:13px; padding:4px 10px; border-radius:6px; border:1px solid var(--line); background:#fff; color:var(--fg); text-decoration:none; cursor:pointer; }
+  .actions a:hover { border-color:var(--accent); color:var(--accent); }
   .actions button:hover { border-color:var(--bad); color:var(--bad); }
   #empty { color:var(--muted); }
 </style>
@@ -180,10 +198,10 @@ PAGE = r"""<!doctype html>
     <div id="drop">
       <strong>Drop files here</strong> or <label for="file-input">choose files</label>
       <input id="file-input" type="file" name="file" multiple hidden>
-      <small>Each file is uploaded on its own, with server-side progress.</small>
+      <small>__LIMITS__ Each file is uploaded on its own, with the server's progress.</small>
     </div>
   </form>
-  <ul id="queue"></ul>
+  <ul id="queue" aria-live="polite"></ul>
   <h2>Gallery</h2>
   <div id="gallery"></div>
   <p id="empty">Nothing uploaded yet.</p>
@@ -194,9 +212,9 @@ PAGE = r"""<!doctype html>
   "use strict";
   var queue = document.getElementById("queue"), gallery = document.getElementById("gallery");
   var drop = document.getElementById("drop"), input = document.getElementById("file-input");
+  var human = window.uploadkit.formatSize;
 
   function el(tag, cls, text) { var e = document.createElement(tag); if (cls) e.className = cls; if (text != null) e.textContent = text; return e; }
-  function human(n) { var u = ["B","KiB","MiB","GiB"], i = 0; while (n >= 1024 && i < 3) { n /= 1024; i++; } return (i ? n.toFixed(1) : n) + " " + u[i]; }
 
   function card(f) {
     var c = el("div", "card"); c.dataset.key = f.key;
@@ -206,22 +224,44 @@ PAGE = r"""<!doctype html>
     var m = el("div", "meta"); m.appendChild(el("div", "name", f.filename));
     m.appendChild(el("div", null, human(f.size) + " \u00b7 " + f.content_type + (f.deduplicated ? " \u00b7 already stored" : "")));
     m.appendChild(el("code", null, "sha256 " + (f.sha256 || "").slice(0, 16) + "\u2026"));
-    var a = el("div", "actions"), open = el("a", null, "Open original"); open.href = f.url; open.target = "_blank";
+    var a = el("div", "actions"), open = el("a", null, "Open original");
+    open.href = f.url; open.target = "_blank"; open.rel = "noopener";
     var del = el("button", "delete", "Delete"); del.type = "button";
     del.onclick = function () {
-      fetch("/api/files/" + f.key, { method: "DELETE" }).then(function (r) { if (r.ok) { c.remove(); refreshEmpty(); } });
+      del.disabled = true;
+      fetch("/api/files/" + encodeURI(f.key), { method: "DELETE" }).then(function (r) {
+        if (r.ok) { c.remove(); refreshEmpty(); return; }
+        return r.json().then(function (j) { throw new Error((j && j.error && j.error.message) || ("HTTP " + r.status)); });
+      }).catch(function (e) {
+        del.disabled = false;
+        var p = m.querySelector(".problem") || m.appendChild(el("div", "problem"));
+        p.textContent = "Not deleted: " + e.message;
+      });
     };
     a.appendChild(open); a.appendChild(del);
     c.appendChild(t); c.appendChild(m); c.appendChild(a);
     return c;
   }
   function refreshEmpty() { document.getElementById("empty").style.display = gallery.children.length ? "none" : "block"; }
-  function addToGallery(files) { files.forEach(function (f) { if (f.key && !gallery.querySelector('[data-key="' + f.key + '"]')) gallery.insertBefore(card(f), gallery.firstChild); }); refreshEmpty(); }
+  function addToGallery(files) {
+    files.forEach(function (f) {
+      if (f.key && !gallery.querySelector('[data-key="' + CSS.escape(f.key) + '"]')) gallery.insertBefore(card(f), gallery.firstChild);
+    });
+    refreshEmpty();
+  }
 
   function send(file) {
     var li = el("li"), row = el("div", "row"), name = el("span", "name", file.name), state = el("span", "state", "waiting");
-    var bar = el("div", "bar"), fill = el("div"); bar.appendChild(fill);
-    row.appendChild(name); row.appendChild(state); li.appendChild(row); li.appendChild(bar); queue.insertBefore(li, queue.firstChild);
+    var bar = el("div", "bar"), fill = el("div"), shown = 0;
+    bar.setAttribute("role", "progressbar"); bar.setAttribute("aria-valuemin", "0"); bar.setAttribute("aria-valuemax", "100");
+    bar.appendChild(fill); row.appendChild(name); row.appendChild(state); li.appendChild(row); li.appendChild(bar);
+    queue.insertBefore(li, queue.firstChild);
+    // The browser reports bytes sent before the server reports bytes received,
+    // and the two do not agree: the bar only ever moves forward.
+    function advance(pct) {
+      shown = Math.max(shown, Math.min(100, pct));
+      fill.style.width = shown + "%"; li.dataset.percent = shown; bar.setAttribute("aria-valuenow", shown);
+    }
     var data = new FormData(); data.append("file", file, file.name);
     window.uploadkit.upload(data, {
       url: "/upload",
@@ -229,19 +269,22 @@ PAGE = r"""<!doctype html>
       onProgress: function (p) {
         li.dataset.state = p.state;
         if (p.state === "uploading" && p.size) {
-          var pct = Math.floor(100 * p.received / p.size);
-          fill.style.width = pct + "%"; li.dataset.percent = pct;
-          state.textContent = pct + "% of " + human(p.size) + (p.rate ? " \u00b7 " + human(p.rate) + "/s" : "");
-        } else if (p.state === "processing") { fill.style.width = "100%"; state.textContent = "processing\u2026"; }
+          advance(Math.floor(100 * p.received / p.size));
+          state.textContent = shown + "% of " + human(p.size) + (p.rate ? " \u00b7 " + human(p.rate) + "/s" : "");
+        } else if (p.state === "processing") { advance(100); state.textContent = "processing\u2026"; }
         else if (p.state === "starting") { state.textContent = "starting\u2026"; }
       },
       onDone: function (result) {
-        li.className = "done"; li.dataset.state = "done"; fill.style.width = "100%"; state.textContent = "done";
-        addToGallery((result && result.json && result.json.files) || []);
+        var files = (result && result.json && result.json.files) || [];
+        li.className = "done"; li.dataset.state = "done"; advance(100);
+        state.textContent = "stored \u00b7 " + human(file.size) + (files.length && files[0].deduplicated ? " \u00b7 already there" : "");
+        addToGallery(files);
       },
       onError: function (err) {
         li.className = "error"; li.dataset.state = "error";
+        if (!shown) advance(100);
         state.textContent = (err && err.message) || "upload failed";
+        if (err && err.status) state.title = "HTTP " + err.status + (err.code ? " \u00b7 " + err.code : "");
       }
     });
   }

@@ -44,17 +44,21 @@ def sanitize_filename(raw: str, max_length: int = 255) -> str:
     stem, dot, ext = name.rpartition(".")
     if not dot:
         stem, ext = name, ""
-    if stem.split(".")[0].upper() in _WINDOWS_DEVICES or name.upper() in _WINDOWS_DEVICES:
+    if len(ext) > 32:  # an "extension" that long is part of the name
+        stem, ext = name, ""
+    # Windows ignores trailing spaces and anything after the first dot when it
+    # matches device names: "CON .txt" and "nul.tar.gz" both open a device.
+    if stem.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
         stem = "_" + stem
-    ext = ext[:32]  # an "extension" longer than that is part of the name
     return _truncate(stem, f".{ext}" if ext else "", max_length)
 
 
 def _truncate(stem: str, ext: str, max_length: int) -> str:
     budget = max_length - len(ext.encode("utf-8"))
     if budget < 1:
-        return (stem + ext).encode("utf-8")[:max_length].decode("utf-8", "ignore") or FALLBACK
+        cut = (stem + ext).encode("utf-8")[:max_length].decode("utf-8", "ignore")
+        return cut or FALLBACK[:max_length]
     encoded = stem.encode("utf-8")
     if len(encoded) > budget:
-        stem = encoded[:budget].decode("utf-8", "ignore").rstrip(". ") or FALLBACK
+        stem = encoded[:budget].decode("utf-8", "ignore").rstrip(". ") or FALLBACK[:budget]
     return stem + ext

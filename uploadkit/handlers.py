@@ -35,9 +35,10 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import secrets
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, Union
 
 from .errors import QuotaExceeded, StorageUnavailable, UnsupportedType, format_size
 from .files import FileInfo, UploadedFile, bytes_opener, path_opener
@@ -105,81 +106,133 @@ class SniffingHandler(UploadHandler):
         return None
 
 
+_Batch = List[Tuple[List[Any], bytes]]
+
+
 class _HashWorker(threading.Thread):
     """Feeds chunks to hash objects on a second core.
 
     hashlib releases the GIL for buffers over 2 KiB, so hashing here runs beside
-    the parse and the write. The queue is bounded so a slow hash cannot let
-    chunks pile up in memory.
+    the parse and the write. Chunks travel in batches of about a megabyte (one
+    queue hand-off costs a lock round trip), and the queue is bounded so a slow
+    hash cannot let chunks pile up in memory.
     """
 
-    def __init__(self, hashers: List[Any], depth: int) -> None:
+    def __init__(self, depth: int) -> None:
         super().__init__(name="uploadkit-hash", daemon=True)
-        self.hashers = hashers
-        self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=depth)
+        self.queue: "queue.Queue[Union[_Batch, threading.Event, None]]" = queue.Queue(maxsize=depth)
         self.start()
 
     def run(self) -> None:
-        hashers = self.hashers
         get = self.queue.get
         while True:
-            chunk = get()
-            if chunk is None:
+            item = get()
+            if item is None:
                 return
-            for h in hashers:
-                h.update(chunk)
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            for hashers, chunk in item:
+                for h in hashers:
+                    h.update(chunk)
 
-    def finish(self) -> None:
+    def barrier(self) -> None:
+        """Wait until everything queued so far is hashed."""
+        done = threading.Event()
+        self.queue.put(done)
+        done.wait()
+
+    def stop(self) -> None:
         self.queue.put(None)
         self.join()
 
 
 class HashingHandler(UploadHandler):
-    """Computes sha256 (and md5 on request) while the file streams.
+    """Computes sha256 (and md5 on request) while the files stream.
 
-    Small files are hashed inline; once a file passes ``offload_after`` bytes the
-    rest is hashed on a worker thread, so a large upload costs no more than the
-    slower of parsing and hashing.
+    The first ``offload_after`` bytes of a request are hashed inline (a thread
+    costs more than hashing a small upload); after that a worker thread hashes
+    while this thread parses and writes, and the digests are collected at the
+    end of the request, before any sink commits. With ``sync=True``, or when
+    a handler set ``ctx.digests_at_file_end`` (content-named storage does),
+    each file's digest is ready at its ``file_end``, at the price of waiting
+    for the hash there.
     """
 
-    def __init__(self, sha256: bool = True, md5: bool = False,
-                 offload_after: int = 1024 * 1024, queue_depth: int = 8) -> None:
+    def __init__(self, sha256: bool = True, md5: bool = False, *, sync: bool = False,
+                 offload_after: int = 256 * 1024, batch_size: int = 1024 * 1024,
+                 queue_depth: int = 8) -> None:
         self.algorithms = [a for a, on in (("sha256", sha256), ("md5", md5)) if on]
+        self.sync = sync
         self.offload_after = offload_after
+        self.batch_size = batch_size
         self.queue_depth = queue_depth
         self._hashers: List[Any] = []
         self._worker: Optional[_HashWorker] = None
         self._seen = 0
+        self._batch: _Batch = []
+        self._batch_bytes = 0
+        self._unfinished: List[Tuple[FileInfo, List[Any]]] = []
+        self._ctx: Optional["RequestContext"] = None
+
+    def request_start(self, ctx: "RequestContext") -> None:
+        self._ctx = ctx
 
     def file_start(self, info: FileInfo) -> Any:
         self._hashers = [hashlib.new(a) for a in self.algorithms]
-        self._worker = None
-        self._seen = 0
         return None
 
     def receive(self, info: FileInfo, chunk: bytes) -> Optional[bytes]:
-        worker = self._worker
-        if worker is not None:
-            worker.queue.put(chunk)
+        if self._worker is not None:
+            self._batch.append((self._hashers, chunk))
+            self._batch_bytes += len(chunk)
+            if self._batch_bytes >= self.batch_size:
+                self._send()
             return chunk
         for h in self._hashers:
             h.update(chunk)
         self._seen += len(chunk)
         if self._seen >= self.offload_after and self._hashers:
-            self._worker = _HashWorker(self._hashers, self.queue_depth)
+            self._worker = _HashWorker(self.queue_depth)
         return chunk
 
+    def _send(self) -> None:
+        if self._batch and self._worker is not None:
+            self._worker.queue.put(self._batch)
+            self._batch = []
+            self._batch_bytes = 0
+
     def file_end(self, info: FileInfo) -> Optional[UploadedFile]:
-        if self._worker is not None:
-            self._worker.finish()
-            self._worker = None
-        for a, h in zip(self.algorithms, self._hashers):
-            setattr(info, a, h.hexdigest())
+        self._unfinished.append((info, self._hashers))
+        if self._worker is None:
+            self._finish()  # hashed inline: the digest is ready now
+        elif self.sync or (self._ctx is not None and self._ctx.digests_at_file_end):
+            self._send()
+            self._worker.barrier()
+            self._finish()
         return None
 
-    def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:
+    def request_end(self, ctx: "RequestContext") -> None:
         if self._worker is not None:
-            self._worker.finish()
+            self._send()
+            self._worker.stop()
+            self._worker = None
+        self._finish()
+
+    def _finish(self) -> None:
+        for info, hashers in self._unfinished:
+            for name, h in zip(self.algorithms, hashers):
+                digest = h.hexdigest()
+                setattr(info, name, digest)
+                if info.file is not None:
+                    setattr(info.file, name, digest)
+        self._unfinished.clear()
+
+    def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:
+        self._batch = []
+        self._unfinished.clear()
+        if self._worker is not None:
+            self._worker.stop()
             self._worker = None
 
 
@@ -251,6 +304,9 @@ class MemoryHandler(UploadHandler):
         self._chunks = None
 
 
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
 class TempFileHandler(UploadHandler):
     """Writes files to temp files in ``tempdir``, removed when the response closes.
 
@@ -264,14 +320,24 @@ class TempFileHandler(UploadHandler):
         self.paths: List[str] = []
         self._file: Optional[Any] = None
         self._size = 0
+        # One random token a request and a counter: as unguessable as mkstemp's
+        # names, without drawing six random letters for every file.
+        self._token = secrets.token_hex(8)
 
     def _open(self) -> Any:
-        try:
-            fd, path = tempfile.mkstemp(prefix=self.prefix, suffix=".part", dir=self.tempdir)
-        except OSError as exc:
-            raise StorageUnavailable(f"cannot create a temp file: {exc.strerror or exc}") from None
-        self.paths.append(path)
-        return os.fdopen(fd, "wb")
+        directory = self.tempdir or tempfile.gettempdir()
+        for _ in range(100):
+            path = os.path.join(directory, f"{self.prefix}{self._token}-{len(self.paths)}.part")
+            try:
+                fd = os.open(path, _CREATE_FLAGS, 0o600)
+            except FileExistsError:
+                self._token = secrets.token_hex(8)
+                continue
+            except OSError as exc:
+                raise StorageUnavailable(f"cannot create a temp file: {exc.strerror or exc}") from None
+            self.paths.append(path)
+            return os.fdopen(fd, "wb")
+        raise StorageUnavailable("cannot create a temp file: every name tried was taken")
 
     def file_start(self, info: FileInfo) -> Any:
         self._file = None

@@ -69,7 +69,7 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import (IO, TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional,
+from typing import (IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional,
                     Sequence, Tuple, Union)
 
 from PIL import Image, ImageCms, ImageFile, ImageOps, features
@@ -94,7 +94,8 @@ Box = Tuple[float, float, float, float]
 
 MODES = ("fit", "crop", "pad")
 
-_AVIF = bool(features.check("avif"))
+# Asked only when this Pillow knows the feature: older ones warn about unknown names.
+_AVIF = "avif" in features.modules and bool(features.check_module("avif"))
 
 #: Pillow format name -> MIME type, for the input formats handled here. Only
 #: these plugins are ever asked to open an upload (``Image.open(formats=...)``):
@@ -138,9 +139,12 @@ _XMP_MARKERS = (b"http://ns.adobe.com/xap/1.0/\x00", b"http://ns.adobe.com/xmp/e
 
 # Errors Pillow and its C decoders raise on hostile or broken bytes. Anything
 # in this list, raised while opening or decoding an upload, is the upload's
-# fault: a 422, not a 500.
+# fault: a 422, not a 500. Pillow also *warns* about corrupt metadata (TIFF
+# tags, EXIF); where warnings are errors those arrive as exceptions, and are
+# the upload's fault too.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,
-                  KeyError, TypeError, ZeroDivisionError, zlib.error, Image.DecompressionBombError)
+                  KeyError, TypeError, ZeroDivisionError, zlib.error, Image.DecompressionBombError,
+                  Warning)
 
 
 # ---------------------------------------------------------------------------
@@ -555,14 +559,14 @@ def _open_image(fp: IO[bytes], header: ImageHeader, max_pixels: int) -> ImageFil
             # Pillow cannot warn about an image we accept. It may warn about
             # one over both limits (TIFF, AVIF: sizes we learn from Pillow),
             # which is refused just below anyway.
-            im = Image.open(fp, formats=[header.format])
+            im = Image.open(_Borrowed(fp), formats=[header.format])  # type: ignore[arg-type]
         else:
             # A limit above Pillow's: silence its warning (between its limit
             # and twice it) for this call. catch_warnings is process-wide, so
             # this path is kept for such deliberately large limits.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(fp, formats=[header.format])
+                im = Image.open(_Borrowed(fp), formats=[header.format])  # type: ignore[arg-type]
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning arrives as an exception when warnings are errors.
         raise BadImage(f"the image is too large to decode: {exc}", limit=max_pixels) from exc
@@ -578,13 +582,37 @@ def _open_image(fp: IO[bytes], header: ImageHeader, max_pixels: int) -> ImageFil
 
 
 def _release(im: Image.Image) -> None:
-    """Free the decoded pixels now, leaving the file open.
+    """Free the decoded pixels now (the file stays open: see :class:`_Borrowed`)."""
+    im.close()
 
-    ``ImageFile.close`` also closes the file it read from, which belongs to the
-    caller (a spool that is read again, a file object passed to ``make``); the
-    base class's ``close`` only drops the image core.
+
+class _Borrowed:
+    """A caller's file as Pillow sees it: everything but ``close``.
+
+    Closing an image closes the file it was read from, but these files belong
+    to the caller (a spool that is read again, a file object given to
+    ``make``). ``fileno`` is left out so no plugin reads the descriptor directly.
     """
-    Image.Image.close(im)
+
+    closed = False
+
+    def __init__(self, fp: IO[bytes]) -> None:
+        self._fp = fp
+
+    def read(self, size: int = -1) -> bytes:
+        return self._fp.read(size)
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._fp.readline(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._fp.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fp.tell()
+
+    def close(self) -> None:
+        pass
 
 
 def _check_pixels(width: Optional[int], height: Optional[int], max_pixels: int) -> None:
@@ -888,6 +916,15 @@ class Thumbnailer:
                                f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
             return self._make(fp, header, crop)
 
+    def _make_as_promised(self, source: Source, crop: Optional[Box], alpha: bool) -> Dict[str, Thumbnail]:
+        """``make`` with the alpha decision taken earlier (background mode names
+        the keys, extension included, before the pixels are decoded)."""
+        with _opened(source) as fp:
+            header = _read_header(fp)
+            if header is None:
+                raise BadImage("the file is no longer an image")
+            return self._make(fp, header, crop, alpha)
+
     def check(self, source: Union[bytes, Source]) -> Optional[ImageHeader]:
         """The header if the image may be processed; None if it is not an image.
 
@@ -913,7 +950,8 @@ class Thumbnailer:
 
     # -- the work ---------------------------------------------------------
 
-    def _make(self, fp: IO[bytes], header: ImageHeader, crop: Optional[Box]) -> Dict[str, Thumbnail]:
+    def _make(self, fp: IO[bytes], header: ImageHeader, crop: Optional[Box],
+              alpha_decided: Optional[bool] = None) -> Dict[str, Thumbnail]:
         _check_pixels(header.width, header.height, self.max_pixels)
         _check_complete(fp, header)
         im = _open_image(fp, header, self.max_pixels)
@@ -938,7 +976,7 @@ class Thumbnailer:
                 plans, region = self._plans(im.size, orientation, crop)
                 scale = max(p[3] for p in plans)
                 factor = 1.0
-            alpha = _has_alpha(im)
+            alpha = _has_alpha(im) if alpha_decided is None else alpha_decided
             work = _working_mode(im)
             # Reduce once, by an integer factor, to about reduce_gap times the
             # largest thumbnail: every size then resamples from a small image.
@@ -951,8 +989,7 @@ class Thumbnailer:
             colour = _Colour(icc if isinstance(icc, bytes) else None, self.color)
             results: Dict[str, Thumbnail] = {}
             for spec, size, box, _scale, canvas in sorted(plans, key=lambda p: -p[1][0] * p[1][1]):
-                results[spec.key] = self._render(work, spec, size, box, canvas, factor, region,
-                                                 alpha, colour)
+                results[spec.key] = self._render(work, spec, size, box, canvas, factor, alpha, colour)
             return {s.key: results[s.key] for s in self.specs}
         finally:
             _release(im)
@@ -974,7 +1011,7 @@ class Thumbnailer:
         return plans, region
 
     def _render(self, work: Image.Image, spec: ThumbnailSpec, size: Tuple[int, int], box: Box,
-                canvas: Optional[Tuple[int, int]], factor: float, region: Box, alpha: bool,
+                canvas: Optional[Tuple[int, int]], factor: float, alpha: bool,
                 colour: _Colour) -> Thumbnail:
         ww, wh = work.size
         sbox = (max(0.0, box[0] * factor), max(0.0, box[1] * factor),
@@ -985,18 +1022,18 @@ class Thumbnailer:
         im = colour.apply(im)
         fmt = self.thumbnail_format(spec, alpha)
         if canvas is not None:
-            if spec.pad_color is None:
-                im = im.convert("RGBA" if im.mode in ("RGB", "RGBA") else "LA")
-                bg = Image.new(im.mode, canvas, (0,) * len(im.mode))
-            else:
-                bg = Image.new("RGBA" if im.mode in ("RGB", "RGBA") else "LA", canvas, spec.pad_color)
-                if im.mode not in ("RGBA", "LA"):
-                    im = im.convert(bg.mode)
             offset = ((canvas[0] - im.size[0]) // 2, (canvas[1] - im.size[1]) // 2)
-            bg.alpha_composite(im, offset)
+            if spec.pad_color is None:
+                # Onto a transparent canvas: a plain copy, alpha included.
+                im = im.convert("LA" if im.mode in ("L", "LA") else "RGBA")
+                bg = Image.new(im.mode, canvas, (0,) * len(im.mode))
+                bg.paste(im, offset)
+            else:
+                bg = Image.new("RGBA", canvas, spec.pad_color)
+                bg.alpha_composite(im.convert("RGBA"), offset)
+                if not alpha:
+                    bg = bg.convert("RGB")
             im = bg
-            if spec.pad_color is not None and not alpha:
-                im = im.convert("RGB" if im.mode == "RGBA" else "L")
         if fmt == "JPEG" and im.mode in ("RGBA", "LA"):
             im = _flatten(im, spec.pad_color)
         elif fmt in ("WEBP", "AVIF") and im.mode in ("L", "LA"):
@@ -1031,7 +1068,11 @@ class Thumbnailer:
         bw, bh = self.max_original
         im = _open_image(fp, header, self.max_pixels)
         try:
-            if getattr(im, "n_frames", 1) > 1:
+            try:
+                animated = bool(getattr(im, "is_animated", False))
+            except _DECODE_ERRORS as exc:
+                raise BadImage(f"the {header.format} image is corrupt: {exc}") from exc
+            if animated:
                 return None  # animation would be lost: leave it alone
             orientation = _orientation(im)
             w, h = im.size
@@ -1040,7 +1081,7 @@ class Thumbnailer:
                 return None
             _check_complete(fp, header)
             size, _box, _canvas = thumbnail_geometry(ow, oh, bw, bh, "fit")
-            exif = im.getexif()
+            exif = _exif_for_original(im, self.strip_gps)
             icc = im.info.get("icc_profile")
             if header.format == "JPEG":
                 # Keep quality: decode at least twice the target's size.
@@ -1058,12 +1099,8 @@ class Thumbnailer:
                 out = out.convert("RGB")
             elif fmt in ("WEBP", "AVIF") and out.mode not in ("RGB", "RGBA"):
                 out = out.convert("RGBA" if alpha else "RGB")
-            if _ORIENTATION in exif:
-                exif[_ORIENTATION] = 1  # the pixels are upright now
-            if self.strip_gps and _GPS_IFD in exif:
-                del exif[_GPS_IFD]
             out.info = {}
-            params: Dict[str, Any] = {"exif": exif.tobytes()} if len(exif) else {}
+            params: Dict[str, Any] = {"exif": exif} if exif else {}
             if isinstance(icc, bytes):
                 params["icc_profile"] = icc
             if fmt != "PNG":
@@ -1140,17 +1177,35 @@ def _check_crop(crop: Box, width: int, height: int) -> Box:
 
 
 def _exif_without_gps(tiff: bytes, prefix: bytes = b"") -> Optional[bytes]:
-    """EXIF (TIFF structure) with its GPS IFD removed, or None if it had none."""
+    """EXIF (TIFF structure) with its GPS IFD removed; None if it had none.
+
+    An EXIF block that cannot be parsed or rewritten gives ``b""``: drop it
+    whole, since a more lenient reader might still find a location in it.
+    """
     exif = Image.Exif()
     try:
         exif.load(prefix + tiff)
+        if _GPS_IFD not in exif:
+            return None
+        del exif[_GPS_IFD]
+        out = exif.tobytes()
     except _DECODE_ERRORS:
-        return None
-    if _GPS_IFD not in exif:
-        return None
-    del exif[_GPS_IFD]
-    out = exif.tobytes()
+        return b""
     return out[6:] if out.startswith(b"Exif\x00\x00") else out
+
+
+def _exif_for_original(im: Image.Image, strip_gps: bool) -> bytes:
+    """A re-encoded original's EXIF: orientation reset (the pixels are upright),
+    GPS removed on request; nothing when it cannot be read."""
+    try:
+        exif = im.getexif()
+        if _ORIENTATION in exif:
+            exif[_ORIENTATION] = 1
+        if strip_gps and _GPS_IFD in exif:
+            del exif[_GPS_IFD]
+        return exif.tobytes() if len(exif) else b""
+    except _DECODE_ERRORS:
+        return b""
 
 
 def _mentions_gps(data: bytes) -> bool:
@@ -1190,6 +1245,8 @@ def strip_location(fp: IO[bytes], fmt: str, max_pixels: int = 50_000_000) -> Opt
             copy.info = {}
             copy.save(buf, fmt, **params)
             return buf.getvalue()
+        except _DECODE_ERRORS as exc:
+            raise BadImage(f"the {fmt} image's metadata cannot be rewritten: {exc}") from exc
         finally:
             _release(im)
     return None  # GIF, BMP: no EXIF
@@ -1236,8 +1293,9 @@ def _strip_jpeg_header(fp: IO[bytes], scan: int) -> Optional[bytes]:
         data = header[pos + 4:end]
         if m == 0xE1 and data.startswith(b"Exif\x00\x00"):
             new = _exif_without_gps(data[6:], b"Exif\x00\x00")
-            if new is not None and len(new) + 8 <= 0xFFFF:
-                out.append(b"\xff\xe1" + (len(new) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + new)
+            if new is not None:
+                if new and len(new) + 8 <= 0xFFFF:
+                    out.append(b"\xff\xe1" + (len(new) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + new)
                 changed = True
                 pos = end
                 continue
@@ -1269,6 +1327,7 @@ def _strip_png(fp: IO[bytes]) -> Optional[bytes]:
                 data = new
                 crc = (zlib.crc32(ctype + data) & 0xFFFFFFFF).to_bytes(4, "big")
                 changed = True
+                drop = not new
         elif ctype in (b"iTXt", b"tEXt", b"zTXt"):
             keyword = data.split(b"\x00", 1)[0]
             body = data
@@ -1305,6 +1364,8 @@ def _strip_webp(fp: IO[bytes]) -> Optional[bytes]:
                                     b"Exif\x00\x00")
             if new is not None:
                 data, changed = new, True
+                if not new:
+                    continue
         elif ctype == b"XMP " and _mentions_gps(data):
             changed = True
             continue
@@ -1312,10 +1373,12 @@ def _strip_webp(fp: IO[bytes]) -> Optional[bytes]:
     if not changed:
         return None
     body = io.BytesIO()
-    has_xmp = any(c == b"XMP " for c, _ in chunks)
+    present = {c for c, _ in chunks}
     for ctype, data in chunks:
-        if ctype == b"VP8X" and not has_xmp:
-            data = bytes([data[0] & ~0x04]) + data[1:]  # clear the XMP flag
+        if ctype == b"VP8X" and data:
+            # The canvas header's flags announce EXIF (0x08) and XMP (0x04).
+            flags = data[0] & ~((0x04 if b"XMP " not in present else 0) | (0x08 if b"EXIF" not in present else 0))
+            data = bytes([flags]) + data[1:]
         body.write(ctype + len(data).to_bytes(4, "little") + data + (b"\x00" if len(data) & 1 else b""))
     payload = body.getvalue()
     return b"RIFF" + (len(payload) + 4).to_bytes(4, "little") + b"WEBP" + payload
@@ -1336,17 +1399,26 @@ class _Job:
     #: rest passed on; "whole" held to the end and rewritten.
     route: str = "pass"
     walk: Optional[_JpegWalk] = None
+    #: Background mode: whether the thumbnails' formats were chosen for alpha.
+    alpha: bool = False
 
 
 class ThumbnailHandler(UploadHandler):
     """Makes one request's thumbnails; a fresh instance per request.
 
-    It passes every chunk on unchanged, except for images whose original must
-    be rewritten (``max_original``, ``strip_gps``): those are held in the spool
-    and the rewritten bytes (or, when nothing needed changing, the spooled
-    bytes) are handed on in one piece at the file's end, so the sink stores the
-    clean original. The file's ``sha256``/``md5`` stay those of the bytes the
-    client sent.
+    Files that are not raster images (by their magic bytes: PDF, ZIP, SVG...)
+    pass through untouched. Each image is spooled (memory up to
+    ``spool_memory``, then an anonymous temp file) while every chunk is passed
+    on unchanged; its header is checked in ``file_start`` (format, pixel
+    count) and, for a JPEG whose frame header lies beyond the first bytes, as
+    soon as that header arrives, so a bomb is refused mid-upload.
+
+    Originals that must be rewritten are held back instead: with ``strip_gps``
+    a JPEG is held only until its image data starts, then its cleaned header
+    and the rest stream on; other formats, and originals larger than
+    ``max_original``, are held to the end and handed on in one piece (memory:
+    the file's size, once). The file's ``sha256``/``md5`` stay those of the
+    bytes the client sent; its stored size is the rewritten one.
 
     Where thumbnails go:
 
@@ -1362,7 +1434,8 @@ class ThumbnailHandler(UploadHandler):
     still run during the request, but the thumbnails are made on the
     Thumbnailer's worker pool once the response is closed: ``file.thumbnails``
     already lists the keys they will have, and ``file.extra["thumbnails_pending"]``
-    is True. A background failure is logged and leaves those keys absent.
+    is True until they are stored (then False). A background failure is
+    logged, leaves those keys absent and sets ``file.extra["thumbnails_error"]``.
     """
 
     def __init__(self, thumbnailer: Thumbnailer, storage: Any = None) -> None:
@@ -1479,13 +1552,12 @@ class ThumbnailHandler(UploadHandler):
                 continue
             key = getattr(file, "key", None)
             if t.background:
-                self._check_now(job, crop)
+                job.alpha = self._check_now(job, crop)
                 promised: Dict[str, str] = {}
                 if self._can_store(key):
                     assert key is not None
-                    alpha = self._alpha_guess(job)
                     for spec in t.specs:
-                        ext = _OUTPUT[t.thumbnail_format(spec, alpha)][1]
+                        ext = _OUTPUT[t.thumbnail_format(spec, job.alpha)][1]
                         promised[spec.key] = self.storage.thumbnail_key(key, spec.width, spec.height, ext)
                     file.thumbnails.update(promised)
                 file.extra["thumbnails_pending"] = True
@@ -1521,7 +1593,8 @@ class ThumbnailHandler(UploadHandler):
         storage = self.storage
         # Under dedup the original may already be stored with its thumbnails:
         # those are kept (they are not this request's to remove on abort).
-        existing = storage.exists(key)
+        # Under any other policy the original's key is this request's.
+        existing = getattr(storage, "collision", None) == "dedup" and storage.exists(key)
         for thumb in thumbs.values():
             spec_w, spec_h = (int(v) for v in thumb.size.split("x"))
             tkey = storage.thumbnail_key(key, spec_w, spec_h, thumb.extension)
@@ -1570,8 +1643,10 @@ class ThumbnailHandler(UploadHandler):
             numbers.append(v)
         return (numbers[0], numbers[1], numbers[2], numbers[3])
 
-    def _check_now(self, job: _Job, crop: Optional[Box]) -> None:
-        """The cheap checks that must answer the request: header, size, completeness, crop."""
+    def _check_now(self, job: _Job, crop: Optional[Box]) -> bool:
+        """The cheap checks that must answer the request (header, size,
+        completeness, crop box), without decoding; returns whether the image
+        has alpha, which fixes its thumbnails' formats."""
         fp = job.spool.reader()
         try:
             header = _read_header(fp)
@@ -1584,18 +1659,11 @@ class ThumbnailHandler(UploadHandler):
                     if _orientation(im) >= 5:
                         w, h = h, w
                     _check_crop(crop, w, h)
+                return _has_alpha(im)
             finally:
                 _release(im)
         except BadImage as exc:
             raise self._name(exc, job.info) from None
-
-    def _alpha_guess(self, job: _Job) -> bool:
-        fp = job.spool.reader()
-        im = _open_image(fp, job.header, self.thumbnailer.max_pixels)
-        try:
-            return _has_alpha(im) or im.mode == "P" and "transparency" in im.info
-        finally:
-            _release(im)
 
     @staticmethod
     def _name(exc: BadImage, info: FileInfo) -> BadImage:
@@ -1621,18 +1689,20 @@ class ThumbnailHandler(UploadHandler):
     def _background(self, job: _Job, crop: Optional[Box], promised: Dict[str, str]) -> None:
         file = job.info.file
         try:
-            thumbs = self.thumbnailer.make(job.spool.reader(), crop=crop)
+            thumbs = self.thumbnailer._make_as_promised(job.spool.reader(), crop, job.alpha)
             for size, thumb in thumbs.items():
                 if size in promised:
                     self._store(promised[size], thumb)
                     self._committed.remove(promised[size])  # the request is over: keep it
             if not promised and file is not None:
                 file.extra["thumbnails"] = thumbs
+        except Exception as exc:
+            log.exception("uploadkit: background thumbnails of %r failed", job.info.filename)
+            if file is not None:
+                file.extra["thumbnails_error"] = str(exc)
+        finally:
             if file is not None:
                 file.extra["thumbnails_pending"] = False
-        except Exception:
-            log.exception("uploadkit: background thumbnails of %r failed", job.info.filename)
-        finally:
             job.spool.close()
 
     def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:

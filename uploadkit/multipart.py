@@ -84,6 +84,7 @@ class State(enum.Enum):
 # long generated ones) stray outside it. Any visible ASCII is safe to search for.
 _BOUNDARY_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,198}(?<! )$")
 _FILENAME_STAR_RE = re.compile(r"""(?:^|;)\s*filename\*\s*=\s*([^;]*)""", re.IGNORECASE)
+_QUOTED_RE = re.compile(r'"(?:\\.|[^"\\])*"')
 _ALLOWED_ENCODINGS = frozenset(["", "7bit", "8bit", "binary"])
 #: Bytes of preamble tolerated before the first boundary (RFC 2046 allows one;
 #: nobody sends a large one, and scanning it costs the reader's time).
@@ -157,7 +158,9 @@ class MultipartDecoder:
         self._parts = 0
         self._files = 0
         self._form_bytes = 0
-        self._fed = 0
+        # Bytes before the first boundary, held until it is found (see _skip_preamble).
+        self._preamble: Optional[bytes] = b""
+        self._dash_boundary = b"--" + boundary
         self._segment: Optional[MultipartSegment] = None
         self._field: List[bytes] = []
         self._field_size = 0
@@ -169,10 +172,13 @@ class MultipartDecoder:
             raise self.error
         if not chunk:
             return []
-        self._fed += len(chunk)
         events: List[Event] = []
         append = events.append
         try:
+            if self._preamble is not None:
+                chunk = self._skip_preamble(chunk)
+                if not chunk:
+                    return events
             for item in self._parser.parse(chunk):
                 # Hot path first: body bytes, almost always of a file.
                 if type(item) is bytes:
@@ -184,8 +190,6 @@ class MultipartDecoder:
                     self._end_part(append)
                 else:
                     self._start_part(item, append)
-            if self.state is State.PREAMBLE and self._fed > PREAMBLE_LIMIT + self._header_budget():
-                raise MalformedMultipart("no multipart boundary found at the start of the body")
         except MultipartError as exc:
             raise self._fail(self._translate(exc)) from None
         except UploadError as exc:
@@ -202,6 +206,8 @@ class MultipartDecoder:
         if self.state is State.COMPLETE:
             return []
         try:
+            if self._preamble is not None:
+                raise MultipartError("no boundary")
             self._parser.close(check_complete=True)
         except MultipartError:
             where = "before the first part" if self._parts == 0 else f"inside part {self._parts}"
@@ -211,8 +217,27 @@ class MultipartDecoder:
 
     # -- internals ---------------------------------------------------------
 
-    def _header_budget(self) -> int:
-        return self.limits.max_header_size * self.limits.max_header_count
+    def _skip_preamble(self, chunk: bytes) -> bytes:
+        """Find the first boundary ourselves, so that where the body is cut
+        cannot change the verdict: the engine, fed small pieces, would drop a
+        boundary glued to garbage along with the preamble and see an empty form.
+
+        Returns the bytes from the first boundary on (b"" while still looking).
+        :raises MalformedMultipart: no boundary within the limit, or bytes glued to it.
+        """
+        assert self._preamble is not None
+        buf = self._preamble + chunk if self._preamble else bytes(chunk)
+        index = buf.find(self._dash_boundary)
+        if index == -1 or index > PREAMBLE_LIMIT:
+            if index > PREAMBLE_LIMIT or len(buf) > PREAMBLE_LIMIT + len(self._dash_boundary):
+                raise MalformedMultipart(
+                    f"no multipart boundary in the first {PREAMBLE_LIMIT // 1024} KiB of the body")
+            self._preamble = buf
+            return b""
+        if index > 0 and buf[index - 2:index] != b"\r\n":
+            raise MalformedMultipart("unexpected bytes right before the first boundary")
+        self._preamble = None
+        return buf[index:] if index else buf
 
     def _fail(self, exc: UploadError) -> UploadError:
         self.error = exc
@@ -222,10 +247,11 @@ class MultipartDecoder:
     def _translate(self, exc: MultipartError) -> UploadError:
         text = str(exc.args[0]) if exc.args else str(exc)
         if isinstance(exc, ParserLimitReached) and "header" in text.lower():
+            counted = "count" in text.lower()
             return HeaderTooLarge(
                 f"part {self._parts + 1}: {text.lower()} (limits: {self.limits.max_header_size} bytes a line,"
                 f" {self.limits.max_header_count} lines)",
-                limit=self.limits.max_header_size)
+                limit=self.limits.max_header_count if counted else self.limits.max_header_size)
         return MalformedMultipart(f"part {max(self._parts, 1)}: {text}")
 
     def _on_data(self, item: bytes) -> None:
@@ -255,9 +281,13 @@ class MultipartDecoder:
             disposition = self._check_headers(segment, headers)
         filename = segment.filename
         if not filename and "filename*" in disposition:
-            match = _FILENAME_STAR_RE.search(disposition)
+            # Search outside quoted strings only: a field *named*
+            # 'x; filename*=...' must not turn into a file.
+            masked = _QUOTED_RE.sub(lambda m: '"' + "_" * (len(m[0]) - 2) + '"', disposition)
+            match = _FILENAME_STAR_RE.search(masked)
             if match:
-                filename = _decode_filename_star(match.group(1)) or filename
+                value = disposition[match.start(1):match.end(1)]
+                filename = _decode_filename_star(value) or filename
         self._segment = segment
         if filename:
             self._files += 1

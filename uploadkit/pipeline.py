@@ -39,6 +39,10 @@ class RequestContext:
     files: List[UploadedFile] = field(default_factory=list)
     #: Text fields, in body order.
     fields: List[Tuple[str, str]] = field(default_factory=list)
+    #: Set in ``request_start`` by a handler that reads ``info.sha256``/``md5``
+    #: in its ``file_end`` (content-named storage): the hashing handler then
+    #: finishes each digest at the file's end instead of at the request's.
+    digests_at_file_end: bool = False
     #: Free space for handlers that need to talk to each other.
     state: Dict[str, Any] = field(default_factory=dict)
 

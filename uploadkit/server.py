@@ -3,6 +3,13 @@
 wsgiref hands the app the socket's file as ``wsgi.input``, so bodies stream
 instead of being buffered, and one thread per connection lets a progress poll
 be answered while an upload is still arriving.
+
+``inactivity_timeout`` bounds how long a connection may stay silent: it is the
+socket timeout of every accepted connection, so a client that stops sending in
+the middle of its body makes the read fail, and the reader refuses the upload
+as ``client_disconnected`` (its handlers release what they opened). It bounds
+stalls, not slowness: a client sending a byte a little more often than the
+timeout keeps its connection.
 """
 
 from __future__ import annotations
@@ -19,7 +26,21 @@ class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class QuietHandler(WSGIRequestHandler):
-    """Logs one line a request, without the reverse-DNS lookup of the default."""
+    """Logs one line a request, without the reverse-DNS lookup of the default,
+    and applies the server's ``inactivity_timeout`` to its connection."""
+
+    def setup(self) -> None:
+        # StreamRequestHandler.setup() applies self.timeout to the socket.
+        self.timeout = getattr(self.server, "inactivity_timeout", None)
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except TimeoutError:
+            # Silent while sending its request line or headers: drop it. (A
+            # stall inside the body reaches the app as a failed read instead.)
+            self.close_connection = True
 
     def address_string(self) -> str:
         return str(self.client_address[0])
@@ -30,17 +51,28 @@ class QuietHandler(WSGIRequestHandler):
 
 
 def make_threaded_server(app: Callable[..., Any], host: str = "127.0.0.1", port: int = 0,
-                         verbose: bool = False) -> ThreadingWSGIServer:
+                         verbose: bool = False,
+                         inactivity_timeout: Optional[float] = None) -> ThreadingWSGIServer:
+    """A thread-per-connection WSGI server bound to ``host:port``.
+
+    :param inactivity_timeout: seconds a connection may stay silent (while
+        sending its request or body, or not reading the answer) before it is
+        cut; None waits for ever.
+    """
+    if inactivity_timeout is not None and not inactivity_timeout > 0:
+        raise ValueError(f"inactivity_timeout must be a positive number of seconds, not {inactivity_timeout!r}")
     server = make_server(host, port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
     server.verbose = verbose  # type: ignore[attr-defined]
+    server.inactivity_timeout = inactivity_timeout  # type: ignore[attr-defined]
     return server
 
 
 class BackgroundServer:
     """A threaded server running in a thread: ``with BackgroundServer(app) as url:``."""
 
-    def __init__(self, app: Callable[..., Any], host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = make_threaded_server(app, host, port)
+    def __init__(self, app: Callable[..., Any], host: str = "127.0.0.1", port: int = 0,
+                 inactivity_timeout: Optional[float] = None) -> None:
+        self.server = make_threaded_server(app, host, port, inactivity_timeout=inactivity_timeout)
         self.thread: Optional[threading.Thread] = None
 
     @property

@@ -30,7 +30,7 @@ _mimes = mimetypes.MimeTypes()
 
 #: Types the sniffer can recognise: a file declared as one of these whose bytes
 #: match none is lying about its type.
-SNIFFABLE = frozenset(k.mime for k in filetype.TYPES)
+SNIFFABLE = frozenset(k.mime for k in filetype.TYPES) - {"application/octet-stream"}  # EOT fonts claim it
 
 _ALIASES = {
     "image/jpg": "image/jpeg",

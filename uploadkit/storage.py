@@ -941,6 +941,8 @@ class StorageHandler(UploadHandler):
 
     def request_start(self, ctx: "RequestContext") -> None:
         self.environ = ctx.environ
+        if self.storage.required_hashes:
+            ctx.digests_at_file_end = True  # keys are made from the digest at file_end
 
     def file_start(self, info: FileInfo) -> Any:
         storage = self.storage

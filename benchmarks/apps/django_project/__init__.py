@@ -1,0 +1,1 @@
+"""A minimal Django project: one view that touches ``request.FILES`` (Django's default path)."""

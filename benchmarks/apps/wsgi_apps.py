@@ -1,0 +1,74 @@
+"""Plain WSGI apps: the read-only baselines, uploadkit's middleware and multipart.
+
+Served as ``benchmarks.apps.wsgi_apps:<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, Iterable
+
+from . import bench_tmpdir
+
+Environ = Dict[str, Any]
+StartResponse = Callable[..., Any]
+
+
+def _json(start_response: StartResponse, payload: Dict[str, Any], status: str = "200 OK") -> Iterable[bytes]:
+    body = json.dumps(payload).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _reader(size: int) -> Callable[[Environ, StartResponse], Iterable[bytes]]:
+    """An app that reads the body in ``size`` reads and drops it: the server's own ceiling."""
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] != "POST":
+            return _json(start_response, {"ready": True})
+        left = int(environ.get("CONTENT_LENGTH") or 0)
+        read = environ["wsgi.input"].read
+        total = 0
+        while left > 0:
+            chunk = read(min(size, left))
+            if not chunk:
+                break
+            total += len(chunk)
+            left -= len(chunk)
+        return _json(start_response, {"size": total})
+    return app
+
+
+read_1m = _reader(1 << 20)
+read_64k = _reader(64 << 10)
+
+
+def _uploadkit_inner(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    if environ["REQUEST_METHOD"] != "POST":
+        return _json(start_response, {"ready": True})
+    files = environ["uploadkit.files"]
+    return _json(start_response, {"size": files["file"].size, "sha256": files["file"].sha256})
+
+
+def _make_uploadkit() -> Any:
+    from uploadkit.middleware import UploadMiddleware
+
+    # The default chain (sniffing, sha256, memory + temp file), no progress store.
+    return UploadMiddleware(_uploadkit_inner, progress=False, tempdir=bench_tmpdir())
+
+
+uploadkit_app = _make_uploadkit()
+
+
+def multipart_app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """``multipart.parse_form_data`` with its defaults (big files spool to temp files)."""
+    import multipart
+
+    if environ["REQUEST_METHOD"] != "POST":
+        return _json(start_response, {"ready": True})
+    _forms, files = multipart.parse_form_data(environ)
+    part = files["file"]
+    try:
+        return _json(start_response, {"size": part.size})
+    finally:
+        for p in files.values():
+            p.close()

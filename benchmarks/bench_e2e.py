@@ -1,0 +1,343 @@
+"""End to end: curl uploads one big file to gunicorn serving, in turn, an app
+that only reads the body, uploadkit's middleware, Django, multipart and Flask.
+
+Every server is a gunicorn master with one sync worker, started as a
+subprocess in its own session on a socket this process bound to 127.0.0.1
+(handed over as ``fd://N``, so there is no window in which another process
+could take the port). All servers run side by side and the uploads go
+round-robin over them, so background load hits every stack alike. Servers
+are stopped by their process group id (the master's PID), on errors too.
+
+Usage::
+
+    python -m benchmarks.bench_e2e [--quick] [--runs N] [--size-mib N] [--apps read-1m,uploadkit,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import (
+    MB,
+    environment_line,
+    fmt_mib,
+    fmt_rate,
+    fmt_ratio,
+    log,
+    md_table,
+    median,
+    sigterm_as_exit,
+    verdict,
+    versions,
+)
+from .apps import TMPDIR_ENV
+from .bodies import KiB, MiB, write_payload
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATH = "/upload"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class App:
+    key: str
+    label: str
+    target: str  # gunicorn's module:callable
+    kind: str  # "baseline", "uploadkit" or "peer"
+
+
+APPS: Dict[str, App] = {a.key: a for a in [
+    App("read-1m", "read-only app, 1 MiB reads", "benchmarks.apps.wsgi_apps:read_1m", "baseline"),
+    App("read-64k", "read-only app, 64 KiB reads", "benchmarks.apps.wsgi_apps:read_64k", "baseline"),
+    App("uploadkit", "uploadkit UploadMiddleware (sha256 + sniffing, temp file)",
+        "benchmarks.apps.wsgi_apps:uploadkit_app", "uploadkit"),
+    App("django", "Django request.FILES", "benchmarks.apps.django_project.wsgi:application", "peer"),
+    App("multipart", "multipart.parse_form_data", "benchmarks.apps.wsgi_apps:multipart_app", "peer"),
+    App("flask", "Flask request.files", "benchmarks.apps.flask_app:app", "peer"),
+]}
+
+
+class Server:
+    """One gunicorn master + one sync worker serving ``app`` on 127.0.0.1."""
+
+    def __init__(self, app: App, workdir: str) -> None:
+        self.app = app
+        self.tmpdir = os.path.join(workdir, f"tmp-{app.key}")
+        self.log_path = os.path.join(workdir, f"gunicorn-{app.key}.log")
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.port = 0
+
+    def start(self, timeout: float = 60.0) -> None:
+        os.makedirs(self.tmpdir, exist_ok=True)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(64)
+            self.port = sock.getsockname()[1]
+            fd = sock.fileno()
+            env = dict(os.environ, TMPDIR=self.tmpdir, PYTHONWARNINGS="ignore",
+                       DJANGO_SETTINGS_MODULE="benchmarks.apps.django_project.settings",
+                       PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
+            env[TMPDIR_ENV] = self.tmpdir
+            cmd = [sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "sync",
+                   "--bind", f"fd://{fd}", "--timeout", "300", "--graceful-timeout", "5",
+                   "--log-level", "warning", "--chdir", REPO_ROOT, self.app.target]
+            with open(self.log_path, "wb") as logf:
+                self.proc = subprocess.Popen(cmd, pass_fds=(fd,), cwd=REPO_ROOT, env=env,
+                                             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        finally:
+            sock.close()  # gunicorn holds its own copy
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn for {self.app.key} exited with {self.proc.returncode}: "
+                                   f"{self.log_tail()}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                try:
+                    conn.request("GET", PATH)
+                    resp = conn.getresponse()
+                    payload = resp.read()
+                finally:
+                    conn.close()
+                if resp.status == 200 and json.loads(payload).get("ready"):
+                    return
+                last = f"HTTP {resp.status}: {payload[:200]!r}"
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                last = exc
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn for {self.app.key} not ready after {timeout:.0f} s ({last}): "
+                           f"{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-500:].decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+    def workers(self) -> List[int]:
+        """The worker PIDs: the master forks them, so they are its children."""
+        if self.proc is None:
+            return []
+        pid = self.proc.pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+    def worker_cpu_seconds(self) -> Optional[float]:
+        """User + system time the workers used so far, all threads."""
+        total, found = 0.0, False
+        for pid in self.workers():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+            found = True
+        return total if found else None
+
+    def worker_peak_rss_kib(self) -> Optional[int]:
+        """VmHWM of the worker(s)."""
+        peak = None
+        for child in self.workers():
+            try:
+                with open(f"/proc/{child}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            kib = int(line.split()[1])
+                            peak = kib if peak is None else max(peak, kib)
+            except (OSError, ValueError):
+                continue
+        return peak
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group (its session), SIGKILL if it lingers."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=15)
+        # Workers outlive a dead master for a moment: make sure the group is gone.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@dataclass
+class Result:
+    app: App
+    seconds: List[float] = field(default_factory=list)
+    mbps: List[float] = field(default_factory=list)
+    cpu: List[float] = field(default_factory=list)
+    rss_kib: Optional[int] = None
+    error: Optional[str] = None
+
+    @property
+    def rate(self) -> Optional[float]:
+        return None if self.error or not self.mbps else median(self.mbps)
+
+
+def upload(server: Server, payload: str, expect_size: int, timeout: float) -> float:
+    """One curl upload; returns MB/s of the request body. Raises on any mismatch."""
+    out = os.path.join(os.path.dirname(server.tmpdir), f"response-{server.app.key}.json")
+    cmd = ["curl", "--silent", "--show-error", "--noproxy", "*", "--max-time", str(int(timeout)),
+           "-o", out, "-w", "%{http_code} %{time_total} %{size_upload}", "-H", "Expect:",
+           "-F", f"file=@{payload};type=application/octet-stream",
+           f"http://127.0.0.1:{server.port}{PATH}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"curl exit {proc.returncode}: {proc.stderr.strip()[:200]}")
+    status, seconds, sent = proc.stdout.split()
+    with open(out, "rb") as f:
+        answer = f.read()
+    if status != "200":
+        raise RuntimeError(f"HTTP {status}: {answer[:200]!r}")
+    size = json.loads(answer).get("size")
+    body_size = int(float(sent))
+    want = body_size if server.app.kind == "baseline" else expect_size
+    if size != want:
+        raise RuntimeError(f"the app saw {size} bytes, expected {want}")
+    return body_size / MB / float(seconds)
+
+
+def run(apps: Sequence[App], size: int, runs: int, workdir: str) -> List[Result]:
+    payload = write_payload(workdir, size)
+    warmup = write_payload(workdir, 64 * KiB)
+    results = [Result(a) for a in apps]
+    servers: List[Server] = []
+    timeout = 60 + size / (1 * MiB)  # 1 MB/s would be far slower than any stack here
+    try:
+        for r in results:
+            server = Server(r.app, workdir)
+            servers.append(server)
+            try:
+                server.start()
+                upload(server, warmup, 64 * KiB, 60)
+            except Exception as exc:
+                r.error = str(exc)[:300]
+                log(f"[e2e] {r.app.key}: {r.error}")
+        for i in range(runs):
+            shift = i % len(results)
+            order = list(zip(results, servers))
+            for r, server in order[shift:] + order[:shift]:
+                if r.error:
+                    continue
+                try:
+                    cpu_before = server.worker_cpu_seconds()
+                    r.mbps.append(upload(server, payload, size, timeout))
+                    cpu_after = server.worker_cpu_seconds()
+                    if cpu_before is not None and cpu_after is not None:
+                        r.cpu.append(cpu_after - cpu_before)
+                    log(f"[e2e] run {i + 1}/{runs} {r.app.key}: {r.mbps[-1]:.0f} MB/s")
+                except Exception as exc:
+                    r.error = str(exc)[:300]
+                    log(f"[e2e] {r.app.key}: {r.error} {server.log_tail()}")
+        for r, server in zip(results, servers):
+            r.rss_kib = server.worker_peak_rss_kib()
+    finally:
+        for server in servers:
+            server.stop()
+    return results
+
+
+def report(results: Sequence[Result], size: int, runs: int, quick: bool) -> str:
+    by_key = {r.app.key: r for r in results}
+
+    def ratio(a: str, b: str) -> Optional[float]:
+        ra, rb = by_key.get(a), by_key.get(b)
+        if ra is None or rb is None or not ra.rate or not rb.rate:
+            return None
+        return ra.rate / rb.rate
+
+    rows = []
+    for r in results:
+        if r.error:
+            rows.append([r.app.label, "error", "", "", "", "", r.error[:120]])
+            continue
+        cpu = f"{median(r.cpu):.2f}" if r.cpu else "n/a"
+        rows.append([r.app.label, fmt_rate(r.rate), cpu, fmt_mib(r.rss_kib),
+                     fmt_ratio(ratio(r.app.key, "read-1m")), fmt_ratio(ratio(r.app.key, "django")), ""])
+    out = [f"## End to end behind gunicorn ({'quick' if quick else 'full'} run: median of {runs})", "",
+           environment_line() + ".  ", versions() + ".", "",
+           f"curl uploads one {size // MiB} MiB file (`-F file=@...`, no `Expect: 100-continue`) to "
+           "gunicorn (1 sync worker) on 127.0.0.1; MB/s = request body bytes (10^6) per second as timed "
+           "by curl; worker CPU s = the worker's user + system time per upload (less sensitive to "
+           "other load than MB/s); peak RSS = the worker's VmHWM.", "",
+           md_table(["app", "MB/s", "worker CPU s", "worker peak RSS", "vs read-only (1 MiB)", "vs Django",
+                     "note"], rows, "lrrrrrl"), ""]
+    checks = []
+    value = ratio("uploadkit", "django")
+    if value is not None:
+        checks.append(["uploadkit / Django", fmt_ratio(value), ">= 2.00", verdict(value, 2.0)])
+    for key in ("multipart", "flask"):
+        value = ratio("uploadkit", key)
+        if value is not None:
+            checks.append([f"uploadkit / {APPS[key].label}", fmt_ratio(value), "", ""])
+    if checks:
+        out += ["### Targets", "", md_table(["ratio", "value", "target", "result"], checks, "lrll"), ""]
+    return "\n".join(out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 run of a 64 MiB file")
+    p.add_argument("--runs", type=int, help="uploads per app (default 3, 1 with --quick)")
+    p.add_argument("--size-mib", type=int, help="uploaded file size in MiB (default 256, 64 with --quick)")
+    p.add_argument("--apps", default=",".join(APPS), help="comma-separated: " + ",".join(APPS))
+    p.add_argument("--tmpdir", help="where the payload and temp files go (default: the system temp dir)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if shutil.which("curl") is None:
+        log("[e2e] curl is required (apt-get install curl)")
+        return 2
+    runs = args.runs or (1 if args.quick else 3)
+    size = (args.size_mib or (64 if args.quick else 256)) * MiB
+    apps = [APPS[k.strip()] for k in args.apps.split(",") if k.strip()]
+    with sigterm_as_exit():
+        workdir = tempfile.mkdtemp(prefix="uploadkit-bench-e2e-", dir=args.tmpdir)
+        try:
+            results = run(apps, size, runs, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(report(results, size, runs, args.quick), flush=True)
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,716 @@
+"""In-process parser comparison: the same multipart bodies, read from a file on
+disk, parsed by uploadkit and its peers, every file written to disk.
+
+Each measurement runs in a fresh child process (``--child``), so the peak RSS
+of one tool is not hidden by another's, and no tool warms a cache for the
+next. Runs go round-robin over the tools (run 1 of every tool, then run 2...)
+so a burst of load on a shared machine spreads over all of them instead of
+spoiling one; the median is reported.
+
+Only the parse is timed: imports, settings and body generation are not;
+creating per-request objects (handler chains, parsers, targets) is.
+
+Usage::
+
+    python -m benchmarks.bench_parsers [--quick] [--runs N] [--bodies big,files,fields]
+                                       [--tools uploadkit,django,...] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import (
+    MB,
+    environment_line,
+    fmt_mib,
+    fmt_rate,
+    fmt_ratio,
+    log,
+    md_table,
+    median,
+    sigterm_as_exit,
+    verdict,
+    versions,
+)
+from .bodies import Body, KiB, MiB, standard_specs, write_bodies
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READ_64K = 64 * KiB
+READ_1M = 1 * MiB
+
+
+# -- what a tool hands back ------------------------------------------------
+
+@dataclass
+class Outcome:
+    """What one parse produced; checked against the body's description after the clock stops."""
+
+    #: Text fields as (name, value) pairs or a mapping; values str or bytes.
+    fields: Any = ()
+    #: Returns the written files' sizes, in body order (called untimed).
+    sizes: Callable[[], List[int]] = lambda: []
+    #: sha256 hex digests when the tool computes them.
+    hashes: Optional[List[Optional[str]]] = None
+    #: Baselines: bytes read.
+    nbytes: Optional[int] = None
+    #: Releases what the tool kept (temp files), called untimed.
+    cleanup: Optional[Callable[[], None]] = None
+
+
+Runner = Callable[[IO[bytes]], Outcome]
+
+
+@dataclass(frozen=True)
+class Tool:
+    key: str
+    label: str
+    kind: str  # "uploadkit", "peer" or "baseline"
+    prepare: Callable[[Body, str, int], Runner]
+    #: Read sizes we drive it with; None: the tool pulls from the stream itself.
+    read_sizes: Tuple[Optional[int], ...] = (READ_64K,)
+    #: How it reads when it pulls (shown in the table).
+    own_reads: str = ""
+    only_big: bool = False
+
+
+def _out_path(outdir: str, index: int) -> str:
+    return os.path.join(outdir, f"{index:05d}.bin")
+
+
+# -- uploadkit ---------------------------------------------------------------
+
+def _prep_uploadkit(sha256: bool) -> Callable[[Body, str, int], Runner]:
+    def prepare(body: Body, outdir: str, read_size: int) -> Runner:
+        from uploadkit.handlers import default_handlers
+        from uploadkit.limits import Limits
+        from uploadkit.reader import read_multipart
+
+        # The benchmark bodies pass the default part/file counts on purpose.
+        limits = Limits(max_files=None, max_parts=None, max_form_memory=None)
+
+        def run(stream: IO[bytes]) -> Outcome:
+            pipeline = read_multipart(
+                stream, content_type=body.content_type, content_length=body.size, limits=limits,
+                handlers=default_handlers(tempdir=outdir, memory_threshold=0, sha256=sha256),
+                read_size=read_size)
+            files = pipeline.ctx.files
+            return Outcome(
+                fields=pipeline.ctx.fields,
+                sizes=lambda: [os.path.getsize(f.path or "") for f in files],
+                hashes=[f.sha256 for f in files] if sha256 else None,
+                cleanup=pipeline.close)
+        return run
+    return prepare
+
+
+# -- multipart (defnull), the engine under uploadkit ---------------------------
+
+def _prep_multipart(body: Body, outdir: str, read_size: int) -> Runner:
+    from multipart import MultipartSegment, PushMultipartParser
+
+    def run(stream: IO[bytes]) -> Outcome:
+        read = stream.read
+        fields: Dict[str, str] = {}
+        paths: List[str] = []
+        out: Any = None
+        write: Any = None
+        segment: Any = None
+        buf: List[bytes] = []
+        parser = PushMultipartParser(body.boundary, content_length=body.size)
+        while True:
+            chunk = read(read_size)
+            if not chunk:
+                break
+            for event in parser.parse(chunk):
+                if event is None:  # end of a part
+                    if out is not None:
+                        out.close()
+                        out = None
+                    else:
+                        fields[segment.name] = b"".join(buf).decode(segment.charset or "utf-8")
+                elif isinstance(event, MultipartSegment):
+                    segment = event
+                    if event.filename:
+                        paths.append(_out_path(outdir, len(paths)))
+                        out = open(paths[-1], "wb")
+                        write = out.write
+                    else:
+                        buf = []
+                elif out is not None:
+                    write(event)
+                else:
+                    buf.append(event)
+        parser.close(check_complete=True)
+        return Outcome(fields=fields, sizes=lambda: [os.path.getsize(p) for p in paths])
+    return run
+
+
+# -- python-multipart ----------------------------------------------------------
+
+def _prep_python_multipart(body: Body, outdir: str, read_size: int) -> Runner:
+    # Imported by its 0.0.9+ name: "multipart" is defnull's module here.
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    class Collector:
+        """Callbacks the way a framework drives the parser: headers, then data, per part."""
+
+        def __init__(self) -> None:
+            self.fields: Dict[bytes, bytes] = {}
+            self.paths: List[str] = []
+            self.headers: Dict[bytes, bytes] = {}
+            self.hfield = bytearray()
+            self.hvalue = bytearray()
+            self.out: Any = None
+            self.buf: List[bytes] = []
+            self.name = b""
+
+        def on_part_begin(self) -> None:
+            self.headers = {}
+
+        def on_header_field(self, data: bytes, start: int, end: int) -> None:
+            self.hfield += data[start:end]
+
+        def on_header_value(self, data: bytes, start: int, end: int) -> None:
+            self.hvalue += data[start:end]
+
+        def on_header_end(self) -> None:
+            self.headers[bytes(self.hfield).lower()] = bytes(self.hvalue)
+            self.hfield.clear()
+            self.hvalue.clear()
+
+        def on_headers_finished(self) -> None:
+            _, params = parse_options_header(self.headers.get(b"content-disposition", b""))
+            self.name = params.get(b"name", b"")
+            if params.get(b"filename"):
+                self.paths.append(_out_path(outdir, len(self.paths)))
+                self.out = open(self.paths[-1], "wb")
+            else:
+                self.buf = []
+
+        def on_part_data(self, data: bytes, start: int, end: int) -> None:
+            if self.out is not None:
+                self.out.write(data[start:end])
+            else:
+                self.buf.append(data[start:end])
+
+        def on_part_end(self) -> None:
+            if self.out is not None:
+                self.out.close()
+                self.out = None
+            else:
+                self.fields[self.name] = b"".join(self.buf)
+
+    def run(stream: IO[bytes]) -> Outcome:
+        c = Collector()
+        callbacks: Any = {name: getattr(c, name) for name in (
+            "on_part_begin", "on_header_field", "on_header_value", "on_header_end",
+            "on_headers_finished", "on_part_data", "on_part_end")}
+        parser = MultipartParser(body.boundary, callbacks)
+        read = stream.read
+        while True:
+            chunk = read(read_size)
+            if not chunk:
+                break
+            parser.write(chunk)
+        parser.finalize()
+        return Outcome(fields=c.fields, sizes=lambda: [os.path.getsize(p) for p in c.paths])
+    return run
+
+
+# -- Django --------------------------------------------------------------------
+
+def _prep_django(body: Body, outdir: str, read_size: int) -> Runner:
+    import django
+    from django.conf import settings
+
+    settings.configure(
+        FILE_UPLOAD_MAX_MEMORY_SIZE=0,  # every file to a temp file, like the others
+        DATA_UPLOAD_MAX_NUMBER_FIELDS=None,
+        DATA_UPLOAD_MAX_NUMBER_FILES=None,
+        DATA_UPLOAD_MAX_MEMORY_SIZE=None,
+        FILE_UPLOAD_TEMP_DIR=outdir,
+    )
+    django.setup()
+    from django.core.files.uploadhandler import load_handler
+    from django.http.multipartparser import MultiPartParser
+
+    meta = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": body.content_type,
+            "CONTENT_LENGTH": str(body.size)}
+
+    def run(stream: IO[bytes]) -> Outcome:
+        # Django's default chain; the parser reads the stream in its handlers'
+        # chunk size (64 KiB).
+        handlers = [load_handler(path, None) for path in settings.FILE_UPLOAD_HANDLERS]
+        post, files = MultiPartParser(meta, stream, handlers).parse()
+        uploaded = [f for _, fs in files.lists() for f in fs]
+
+        def sizes() -> List[int]:
+            for f in uploaded:
+                f.file.flush()
+            return [os.path.getsize(f.temporary_file_path()) for f in uploaded]
+
+        def cleanup() -> None:
+            for f in uploaded:
+                f.close()
+        return Outcome(fields=dict(post.items()), sizes=sizes, cleanup=cleanup)
+    return run
+
+
+# -- streaming-form-data ---------------------------------------------------------
+
+def _prep_sfd(body: Body, outdir: str, read_size: int) -> Runner:
+    from streaming_form_data import StreamingFormDataParser
+    from streaming_form_data.targets import FileTarget, ValueTarget
+
+    def run(stream: IO[bytes]) -> Outcome:
+        # It routes parts by name, so every target is registered before the
+        # first byte (from the body's description, as an app would from its form).
+        parser = StreamingFormDataParser(headers={"Content-Type": body.content_type})
+        values: Dict[str, ValueTarget] = {}
+        for name in body.field_names:
+            values[name] = target = ValueTarget()
+            parser.register(name, target)
+        paths = []
+        for i, part in enumerate(body.files):
+            paths.append(_out_path(outdir, i))
+            parser.register(part.name, FileTarget(paths[-1]))
+        read = stream.read
+        while True:
+            chunk = read(read_size)
+            if not chunk:
+                break
+            parser.data_received(chunk)
+        fields = {name: t.value for name, t in values.items()}
+        return Outcome(fields=fields, sizes=lambda: [os.path.getsize(p) for p in paths])
+    return run
+
+
+# -- Werkzeug --------------------------------------------------------------------
+
+def _prep_werkzeug(body: Body, outdir: str, read_size: int) -> Runner:
+    from werkzeug.formparser import parse_form_data
+
+    def run(stream: IO[bytes]) -> Outcome:
+        opened: List[Any] = []
+
+        def stream_factory(total_content_length: Any, content_type: Any, filename: Any,
+                           content_length: Any = None) -> Any:
+            f = open(_out_path(outdir, len(opened)), "wb+")
+            opened.append(f)
+            return f
+
+        environ = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": body.content_type,
+                   "CONTENT_LENGTH": str(body.size), "wsgi.input": stream}
+        _, form, _files = parse_form_data(environ, stream_factory=stream_factory,
+                                          max_form_memory_size=None, max_content_length=None,
+                                          max_form_parts=None, silent=False)
+
+        def sizes() -> List[int]:
+            for f in opened:
+                f.flush()
+            return [os.fstat(f.fileno()).st_size for f in opened]
+
+        def cleanup() -> None:
+            for f in opened:
+                f.close()
+        return Outcome(fields=form.to_dict(), sizes=sizes, cleanup=cleanup)
+    return run
+
+
+# -- WebOb -----------------------------------------------------------------------
+
+def _prep_webob(body: Body, outdir: str, read_size: int) -> Runner:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the cgi module, on 3.11+
+        import webob
+
+    # cgi.FieldStorage (under WebOb) and WebOb's own body copy spool to
+    # tempfile's default directory.
+    tempfile.tempdir = outdir
+
+    def run(stream: IO[bytes]) -> Outcome:
+        environ = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": body.content_type,
+                   "CONTENT_LENGTH": str(body.size), "wsgi.input": stream,
+                   "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
+                   "PATH_INFO": "/", "SCRIPT_NAME": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            post = webob.Request(environ).POST
+        items = list(post.items())
+        uploaded = [v for _, v in items if hasattr(v, "file")]
+        fields = {k: v for k, v in items if isinstance(v, str)}
+
+        def sizes() -> List[int]:
+            out = []
+            for f in uploaded:
+                f.file.flush()
+                out.append(os.fstat(f.file.fileno()).st_size)
+            return out
+        return Outcome(fields=fields, sizes=sizes)
+    return run
+
+
+# -- baselines -------------------------------------------------------------------
+
+def _prep_read_write(body: Body, outdir: str, read_size: int) -> Runner:
+    def run(stream: IO[bytes]) -> Outcome:
+        read, n = stream.read, 0
+        with open(_out_path(outdir, 0), "wb") as out:
+            write = out.write
+            while True:
+                chunk = read(read_size)
+                if not chunk:
+                    break
+                write(chunk)
+                n += len(chunk)
+        return Outcome(nbytes=n)
+    return run
+
+
+def _prep_sha256(body: Body, outdir: str, read_size: int) -> Runner:
+    def run(stream: IO[bytes]) -> Outcome:
+        read, n, h = stream.read, 0, hashlib.sha256()
+        update = h.update
+        while True:
+            chunk = read(read_size)
+            if not chunk:
+                break
+            update(chunk)
+            n += len(chunk)
+        h.hexdigest()
+        return Outcome(nbytes=n)
+    return run
+
+
+def _prep_read_sha256_write(body: Body, outdir: str, read_size: int) -> Runner:
+    def run(stream: IO[bytes]) -> Outcome:
+        read, n, h = stream.read, 0, hashlib.sha256()
+        update = h.update
+        with open(_out_path(outdir, 0), "wb") as out:
+            write = out.write
+            while True:
+                chunk = read(read_size)
+                if not chunk:
+                    break
+                update(chunk)
+                write(chunk)
+                n += len(chunk)
+        h.hexdigest()
+        return Outcome(nbytes=n)
+    return run
+
+
+TOOLS: Dict[str, Tool] = {t.key: t for t in [
+    Tool("uploadkit", "uploadkit (sha256 + sniffing)", "uploadkit", _prep_uploadkit(True),
+         (READ_64K, READ_1M)),
+    Tool("uploadkit-nohash", "uploadkit (no hashing)", "uploadkit", _prep_uploadkit(False),
+         (READ_64K, READ_1M)),
+    Tool("multipart", "multipart PushMultipartParser", "peer", _prep_multipart, (READ_64K, READ_1M)),
+    Tool("python-multipart", "python-multipart MultipartParser", "peer", _prep_python_multipart),
+    Tool("django", "Django MultiPartParser", "peer", _prep_django, (None,), own_reads="64 KiB (own)"),
+    Tool("streaming-form-data", "streaming-form-data", "peer", _prep_sfd),
+    Tool("werkzeug", "Werkzeug parse_form_data", "peer", _prep_werkzeug, (None,),
+         own_reads="64 KiB (own)"),
+    Tool("webob", "WebOb Request.POST (cgi)", "peer", _prep_webob, (None,),
+         own_reads="own (copy + lines)"),
+    Tool("read-write", "baseline: read + write", "baseline", _prep_read_write, (READ_64K, READ_1M),
+         only_big=True),
+    Tool("sha256", "baseline: read + sha256", "baseline", _prep_sha256, (READ_64K, READ_1M),
+         only_big=True),
+    Tool("read-sha256-write", "baseline: read + sha256 + write (1 thread)", "baseline",
+         _prep_read_sha256_write, (READ_64K, READ_1M), only_big=True),
+]}
+
+
+# -- the child: one tool, one body, one run ------------------------------------------
+
+def _check(body: Body, tool: Tool, outcome: Outcome) -> Optional[str]:
+    """None when the tool did the whole job, else what is missing."""
+    if tool.kind == "baseline":
+        return None if outcome.nbytes == body.size else f"read {outcome.nbytes} of {body.size} bytes"
+    fields = outcome.fields
+    pairs = list(fields.items()) if isinstance(fields, dict) else list(fields)
+    if len(pairs) != len(body.field_names):
+        return f"{len(pairs)} fields instead of {len(body.field_names)}"
+    got = sum(len(v.encode() if isinstance(v, str) else v) for _, v in pairs)
+    if got != body.field_bytes:
+        return f"field values hold {got} bytes instead of {body.field_bytes}"
+    sizes = outcome.sizes()
+    want = [p.size for p in body.files]
+    if sorted(sizes) != sorted(want):
+        return f"{len(sizes)} files of {sum(sizes)} bytes instead of {len(want)} of {sum(want)}"
+    if outcome.hashes is not None:
+        if sorted(h or "" for h in outcome.hashes) != sorted(p.sha256 for p in body.files):
+            return "sha256 digests differ from the body's"
+    return None
+
+
+def _cpu_seconds() -> float:
+    """User + system time of this process, all threads (the hash worker included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _child(spec: Dict[str, Any]) -> int:
+    body = Body.load(spec["meta"])
+    tool = TOOLS[spec["tool"]]
+    read_size = spec["read_size"] or READ_64K
+    run = tool.prepare(body, spec["outdir"], read_size)
+    with open(body.path, "rb") as stream:
+        cpu_start = _cpu_seconds()
+        start = time.perf_counter()
+        outcome = run(stream)
+        seconds = time.perf_counter() - start
+        cpu = _cpu_seconds() - cpu_start
+    problem = _check(body, tool, outcome)
+    if outcome.cleanup is not None:
+        outcome.cleanup()
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_kib": rss_kib, "error": problem}))
+    return 0 if problem is None else 2
+
+
+# -- the parent ------------------------------------------------------------------------
+
+@dataclass
+class Measure:
+    body: Body
+    tool: Tool
+    read_size: Optional[int]
+    seconds: List[float] = field(default_factory=list)
+    cpu: List[float] = field(default_factory=list)
+    rss_kib: List[int] = field(default_factory=list)
+    error: Optional[str] = None
+
+    @property
+    def reads(self) -> str:
+        if self.read_size is None:
+            return self.tool.own_reads
+        return "1 MiB" if self.read_size == READ_1M else f"{self.read_size // KiB} KiB"
+
+    @property
+    def time(self) -> float:
+        return median(self.seconds)
+
+    @property
+    def mbps(self) -> Optional[float]:
+        return None if self.error or not self.seconds else self.body.size / MB / self.time
+
+    @property
+    def parts_per_s(self) -> Optional[float]:
+        return None if self.error or not self.seconds else self.body.parts / self.time
+
+
+def _run_child(m: Measure, outdir: str, timeout: float) -> None:
+    os.makedirs(outdir, exist_ok=True)
+    spec = {"tool": m.tool.key, "read_size": m.read_size, "meta": m.body.meta_path, "outdir": outdir}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])),
+               TMPDIR=outdir, PYTHONWARNINGS="ignore")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_parsers", "--child", json.dumps(spec)],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        m.error = f"timed out after {timeout:.0f} s"
+        return
+    finally:
+        shutil.rmtree(outdir, ignore_errors=True)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        m.error = f"exit {proc.returncode}: {tail[:200]}"
+        return
+    if result["error"]:
+        m.error = result["error"]
+        return
+    m.seconds.append(result["seconds"])
+    m.cpu.append(result["cpu"])
+    m.rss_kib.append(result["rss_kib"])
+
+
+def measure(bodies: Sequence[Body], tools: Sequence[Tool], runs: int, workdir: str) -> List[Measure]:
+    measures: List[Measure] = []
+    for body in bodies:
+        plan = [Measure(body, t, rs) for t in tools if not (t.only_big and body.key != "big")
+                for rs in t.read_sizes]
+        timeout = 120 + body.size / (2 * MiB)  # generous: 2 MB/s is slower than any tool here
+        for run in range(runs):
+            # Rotate the order each round: no tool always runs right after the slowest one.
+            shift = run % len(plan)
+            for m in plan[shift:] + plan[:shift]:
+                if m.error:
+                    continue
+                _run_child(m, os.path.join(workdir, "out"), timeout)
+                status = m.error or f"{m.seconds[-1]:.3f} s"
+                log(f"[parsers] {body.key} run {run + 1}/{runs} {m.tool.key} ({m.reads}): {status}")
+        measures += plan
+    return measures
+
+
+# -- the report --------------------------------------------------------------------------
+
+def _fastest_peer(measures: Sequence[Measure], body: Body, exclude: Sequence[str] = ()) -> Optional[Measure]:
+    peers = [m for m in measures if m.body is body and m.tool.kind == "peer" and m.mbps
+             and m.tool.key not in exclude]
+    return max(peers, key=lambda m: m.mbps or 0.0) if peers else None
+
+
+def _find(measures: Sequence[Measure], body_key: str, tool: str, read_size: Optional[int]) -> Optional[Measure]:
+    for m in measures:
+        if m.body.key == body_key and m.tool.key == tool and m.read_size == read_size:
+            return m
+    return None
+
+
+def _ratio(a: Optional[Measure], b: Optional[Measure]) -> Optional[float]:
+    if a is None or b is None or not a.mbps or not b.mbps:
+        return None
+    return a.mbps / b.mbps
+
+
+def report(measures: Sequence[Measure], bodies: Sequence[Body], runs: int, quick: bool) -> str:
+    out = [f"## Parser comparison ({'quick' if quick else 'full'} run: median of {runs})", "",
+           environment_line() + ".  ", versions() + ".", "",
+           "Body read from a file on disk, every file written to disk, text fields kept in memory; "
+           "MB/s = body bytes (10^6) per second; seconds = median wall time; CPU s = user + system "
+           "time of the same run (above the wall time when a tool uses a second core, far below it "
+           "when the machine was busy); peak RSS = the child process's ru_maxrss.", ""]
+    for body in bodies:
+        fastest = _fastest_peer(measures, body)
+        rows = []
+        for m in measures:
+            if m.body is not body:
+                continue
+            versus = fmt_ratio(_ratio(m, fastest)) if m.tool.kind != "baseline" else ""
+            if m.error:
+                rows.append([m.tool.label, m.reads, "error", "", "", "", "", m.error])
+                continue
+            rows.append([m.tool.label, m.reads, fmt_rate(m.mbps), fmt_rate(m.parts_per_s),
+                         f"{m.time:.3f}", f"{median(m.cpu):.3f}", fmt_mib(max(m.rss_kib)), versus])
+        out += [f"### {body.label} ({body.size / MiB:,.1f} MiB body, {body.parts:,} parts)", "",
+                md_table(["tool", "reads", "MB/s", "parts/s", "seconds", "CPU s", "peak RSS",
+                          "vs fastest peer"], rows, "llrrrrrr"), ""]
+
+    checks: List[List[str]] = []
+
+    def check(name: str, body_key: str, a: Optional[Measure], b: Optional[Measure], target: float) -> None:
+        if a is None or b is None:
+            return
+        value = _ratio(a, b)
+        checks.append([name, body_key, f"{a.reads} / {b.reads}", fmt_ratio(value), f">= {target:.2f}",
+                       verdict(value, target)])
+
+    for rs in (READ_64K, READ_1M):
+        check("uploadkit (sha256) / read + sha256", "big", _find(measures, "big", "uploadkit", rs),
+              _find(measures, "big", "sha256", rs), 0.90)
+    for key in ("big", "files", "fields"):
+        for rs in (READ_64K, READ_1M):
+            check("uploadkit (no hashing) / multipart push parser", key,
+                  _find(measures, key, "uploadkit-nohash", rs), _find(measures, key, "multipart", rs), 0.95)
+    for key in ("files", "fields"):
+        target_body = next((b for b in bodies if b.key == key), None)
+        if target_body is None:
+            continue
+        # multipart is uploadkit's own engine (held to 0.95 above): the race is
+        # against the fastest of the other parsers.
+        other = _fastest_peer(measures, target_body, exclude=("multipart",))
+        for rs in (READ_64K, READ_1M):
+            ours = _find(measures, key, "uploadkit", rs)
+            if ours is not None and other is not None:
+                check(f"uploadkit (sha256) / fastest other peer ({other.tool.label})", key, ours, other, 1.0)
+    if checks:
+        out += ["### Targets", "",
+                md_table(["ratio", "body", "reads", "value", "target", "result"], checks, "lllrll"), ""]
+    return "\n".join(out)
+
+
+# -- profiling -----------------------------------------------------------------------------
+
+def profile(bodies: Sequence[Body], read_size: int, workdir: str, limit: int = 25) -> str:
+    """cProfile of uploadkit's default chain on each body, in this process."""
+    import cProfile
+    import io
+    import pstats
+
+    out = []
+    tool = TOOLS["uploadkit"]
+    for body in bodies:
+        outdir = os.path.join(workdir, "profile-out")
+        os.makedirs(outdir, exist_ok=True)
+        run = tool.prepare(body, outdir, read_size)
+        prof = cProfile.Profile()
+        with open(body.path, "rb") as stream:
+            start = time.perf_counter()
+            prof.enable()
+            outcome = run(stream)
+            prof.disable()
+            seconds = time.perf_counter() - start
+        problem = _check(body, tool, outcome)
+        if outcome.cleanup:
+            outcome.cleanup()
+        shutil.rmtree(outdir, ignore_errors=True)
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("tottime").print_stats(limit)
+        out += [f"### Profile: {body.label}, {read_size // KiB} KiB reads "
+                f"({seconds:.3f} s under the profiler{', CHECK FAILED: ' + problem if problem else ''})",
+                "", "```", text.getvalue().strip(), "```", ""]
+    return "\n".join(out)
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_parsers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 runs, a 64 MiB big file")
+    p.add_argument("--runs", type=int, help="runs per tool (default 5, 3 with --quick)")
+    p.add_argument("--bodies", default="big,files,fields", help="comma-separated: big,files,fields")
+    p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ",".join(TOOLS))
+    p.add_argument("--big-mib", type=int, help="size of the big file in MiB (default 256, 64 with --quick)")
+    p.add_argument("--tmpdir", help="where bodies and outputs go (default: the system temp dir)")
+    p.add_argument("--profile", action="store_true", help="print cProfile hot spots of uploadkit instead")
+    p.add_argument("--read-size", type=int, default=READ_1M, help="read size for --profile")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.child:
+        return _child(json.loads(args.child))
+    runs = args.runs or (3 if args.quick else 5)
+    keys = [k.strip() for k in args.bodies.split(",") if k.strip()]
+    tools = [TOOLS[k.strip()] for k in args.tools.split(",") if k.strip()]
+    big = args.big_mib * MiB if args.big_mib else None
+    specs = [s for s in standard_specs(args.quick, big) if s.key in keys]
+    with sigterm_as_exit():
+        workdir = tempfile.mkdtemp(prefix="uploadkit-bench-", dir=args.tmpdir)
+        try:
+            log(f"[parsers] writing bodies into {workdir}")
+            bodies = list(write_bodies(workdir, specs).values())
+            if args.profile:
+                print(profile(bodies, args.read_size, workdir))
+                return 0
+            measures = measure(bodies, tools, runs, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(report(measures, bodies, runs, args.quick), flush=True)
+    return 1 if any(m.error for m in measures) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,123 @@
+"""The ``uploadkit demo`` console command, as a user runs it: a subprocess that
+prints its URL, serves the page and the script, takes a curl upload into the
+storage directory it was given, and stops on SIGINT (cleanly) or SIGTERM."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from typing import Iterator, List
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.support.browser import Command
+
+TIMEOUT = 10
+
+
+def _console_script() -> str:
+    """The installed ``uploadkit`` script (``pip install -e .`` puts it beside python)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "uploadkit")
+    found = beside if os.path.exists(beside) else shutil.which("uploadkit")
+    if not found:
+        raise RuntimeError("the 'uploadkit' console script is not installed: pip install -e .")
+    return found
+
+
+def _jpeg(width: int = 640, height: int = 480) -> bytes:
+    im = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def storage_dir(tmp_path: "os.PathLike[str]") -> str:
+    path = os.path.join(str(tmp_path), "media")
+    os.makedirs(path)
+    return path
+
+
+def _demo(storage_dir: str, *extra: str) -> Command:
+    return Command([_console_script(), "demo", "--port", "0", "--storage", "file://" + storage_dir,
+                    *extra])
+
+
+def _stored_files(root: str) -> List[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames]
+    return sorted(out)
+
+
+def test_demo_command_serves_page_takes_a_curl_upload_and_stops_on_sigint(
+        storage_dir: str, tmp_path: "os.PathLike[str]") -> None:
+    image = _jpeg()
+    path = os.path.join(str(tmp_path), "sunset.jpg")
+    with open(path, "wb") as f:
+        f.write(image)
+    with _demo(storage_dir) as demo:
+        assert demo.lines[0] == f"uploadkit demo: {demo.url}/"
+        assert f"file://{storage_dir}" in demo.output
+
+        page = requests.get(demo.url + "/", timeout=TIMEOUT)
+        assert page.status_code == 200
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert '<script src="/upload/progress/uploadkit.js"></script>' in page.text
+        assert 'type="file"' in page.text
+        script = requests.get(demo.url + "/upload/progress/uploadkit.js", timeout=TIMEOUT)
+        assert script.status_code == 200
+        assert "window" in script.text and "upload" in script.text
+
+        out = subprocess.run(["curl", "-sS", "--max-time", str(TIMEOUT), "-F", f"file=@{path}",
+                              demo.url + "/upload"], capture_output=True, timeout=TIMEOUT + 5, check=True)
+        answer = json.loads(out.stdout)
+        [info] = answer["files"]
+        assert info["filename"] == "sunset.jpg"
+        assert info["content_type"] == "image/jpeg"
+        assert info["size"] == len(image)
+        assert info["sha256"] == hashlib.sha256(image).hexdigest()
+        assert sorted(info["thumbnails"]) == ["200x200", "400x400"]
+
+        # The bytes are in the directory given on the command line, with thumbnails beside them.
+        stored = _stored_files(storage_dir)
+        assert info["key"] in stored
+        assert len(stored) == 3
+        with open(os.path.join(storage_dir, info["key"]), "rb") as f:
+            assert f.read() == image
+        original = requests.get(demo.url + info["url"], timeout=TIMEOUT)
+        assert original.status_code == 200 and original.content == image
+        listing = requests.get(demo.url + "/api/files", timeout=TIMEOUT).json()
+        assert [f["key"] for f in listing["files"]] == [info["key"]]
+
+        demo.signal(signal.SIGINT)
+        assert demo.wait(timeout=TIMEOUT) == 0
+        assert "stopped" in demo.output
+    with pytest.raises(requests.ConnectionError):
+        requests.get(demo.url + "/", timeout=2)
+
+
+def test_demo_command_refuses_with_json_and_stops_on_terminate(storage_dir: str) -> None:
+    with _demo(storage_dir, "--max-file-size", "100000") as demo:
+        big = _jpeg() + b"\0" * 200_000
+        out = subprocess.run(["curl", "-sS", "--max-time", str(TIMEOUT), "-F", "file=@-;filename=big.jpg",
+                              "-w", "\n%{http_code}", demo.url + "/upload"], input=big,
+                             capture_output=True, timeout=TIMEOUT + 5, check=True)
+        body, _, status = out.stdout.rpartition(b"\n")
+        assert status == b"413"
+        error = json.loads(body)["error"]
+        assert error["code"] == "file_too_large"
+        assert "big.jpg" in error["message"]
+        assert _stored_files(storage_dir) == []
+
+        demo.proc.terminate()  # type: ignore[union-attr]
+        assert demo.wait(timeout=TIMEOUT) == -signal.SIGTERM

@@ -1,0 +1,197 @@
+"""read_multipart over blocking streams: lengths, short bodies, limits, odd streams."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from typing import Any, List, Optional, Tuple
+
+import pytest
+
+from uploadkit.errors import (
+    ClientDisconnected,
+    LengthRequired,
+    MalformedMultipart,
+    RequestTooLarge,
+    UploadError,
+    format_size,
+)
+from uploadkit.handlers import HashingHandler, MemoryHandler, TempFileHandler, UploadHandler
+from uploadkit.limits import Limits
+from uploadkit.progress import ProgressListener
+from uploadkit.reader import read_multipart
+from tests.support.bodies import (
+    BOUNDARY,
+    GeneratedStream,
+    TrickleStream,
+    content_type,
+    end,
+    field_part,
+    file_part,
+    fixed_chunks,
+)
+
+DATA = os.urandom(50_000) + b"\r\n--" + BOUNDARY.encode()[:-2] + b"\r\n"
+BODY = field_part("title", "hello") + file_part("f", "f.bin", DATA) + field_part("after", "x") + end()
+
+
+def _read(stream: Any, length: Optional[int] = len(BODY), **kw: Any) -> Any:
+    kw.setdefault("handlers", [HashingHandler(), MemoryHandler()])
+    return read_multipart(stream, content_type=content_type(), content_length=length, **kw)
+
+
+def _check(p: Any) -> None:
+    assert p.ctx.fields == [("title", "hello"), ("after", "x")]
+    (f,) = p.ctx.files
+    assert f.read() == DATA and f.sha256 == hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000, 1 << 20])
+def test_trickling_stream(step: int) -> None:
+    stream = TrickleStream(BODY, step if step > 1 else 997)
+    _check(_read(stream, read_size=4096))
+
+
+@pytest.mark.parametrize("read_size", [1, 7, 4096, 1 << 20])
+def test_read_sizes(read_size: int) -> None:
+    body = BODY if read_size > 1 else field_part("a", "1") + file_part("f", "f", b"x\r\ny") + end()
+    p = _read(io.BytesIO(body), len(body), read_size=read_size)
+    assert p.ctx.files[0].read() == (DATA if read_size > 1 else b"x\r\ny")
+
+
+def test_never_reads_past_content_length() -> None:
+    stream = io.BytesIO(BODY + b"NEXT REQUEST ON THE CONNECTION")
+    _check(_read(stream, read_size=999))
+    assert stream.read() == b"NEXT REQUEST ON THE CONNECTION"
+
+
+def test_stream_handing_out_more_than_asked_is_cut() -> None:
+    class Greedy(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = BODY + b"garbage after the body"
+
+        def read(self, size: int = -1) -> bytes:
+            out, self.data = self.data, b""
+            return out
+
+    _check(_read(Greedy()))
+
+
+@pytest.mark.parametrize("cut", [0, 10, len(BODY) // 2, len(BODY) - 1])
+def test_short_body_is_client_disconnected(cut: int) -> None:
+    with pytest.raises(ClientDisconnected) as err:
+        _read(io.BytesIO(BODY[:cut]), read_size=4096)
+    e = err.value
+    assert (e.status, e.code) == (400, "client_disconnected")
+    assert f"after {cut} of {len(BODY)} bytes" in e.message
+
+
+@pytest.mark.parametrize("exc", [OSError("connection reset"), ValueError("I/O operation on closed file"),
+                                 TimeoutError("timed out")])
+def test_read_errors_are_client_disconnected(exc: Exception) -> None:
+    class Failing(io.RawIOBase):
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def read(self, size: int = -1) -> bytes:
+            if self.pos > 20_000:
+                raise exc
+            out = BODY[self.pos:self.pos + size]
+            self.pos += len(out)
+            return out
+
+    with pytest.raises(ClientDisconnected) as err:
+        _read(Failing(), read_size=8192)
+    assert "after 24576 bytes" in err.value.message
+
+
+def test_no_length_and_not_terminated_is_411() -> None:
+    stream = io.BytesIO(BODY)
+    with pytest.raises(LengthRequired) as err:
+        _read(stream, None)
+    assert err.value.status == 411 and err.value.code == "length_required"
+    assert stream.tell() == 0
+
+
+def test_terminated_stream_without_length() -> None:
+    _check(_read(GeneratedStream(fixed_chunks(BODY, 3000)), None, terminated=True))
+
+
+def test_declared_length_over_the_limit_refused_before_reading() -> None:
+    stream = io.BytesIO(BODY)
+    with pytest.raises(RequestTooLarge) as err:
+        _read(stream, limits=Limits(max_request_size=1000))
+    e = err.value
+    assert (e.status, e.code, e.limit) == (413, "request_too_large", 1000)
+    assert "1000 bytes" in e.message and format_size(len(BODY)) in e.message
+    assert stream.tell() == 0
+
+
+def test_undeclared_length_counted_while_reading() -> None:
+    with pytest.raises(RequestTooLarge) as err:
+        _read(GeneratedStream(fixed_chunks(BODY, 3000)), None, terminated=True,
+              limits=Limits(max_request_size=10_000), read_size=2048)
+    assert err.value.limit == 10_000
+
+
+def test_declared_length_larger_than_the_limit_only_by_body_bytes() -> None:
+    # A correct CONTENT_LENGTH under the limit: accepted exactly at the limit.
+    _check(_read(io.BytesIO(BODY), limits=Limits(max_request_size=len(BODY))))
+
+
+def test_bad_content_type_is_malformed() -> None:
+    with pytest.raises(MalformedMultipart):
+        read_multipart(io.BytesIO(BODY), content_type="multipart/form-data", content_length=len(BODY))
+
+
+def test_bytearray_and_memoryview_chunks() -> None:
+    class ByteArrays(io.RawIOBase):
+        def __init__(self) -> None:
+            self.stream = io.BytesIO(BODY)
+
+        def read(self, size: int = -1) -> Any:
+            return bytearray(self.stream.read(size))
+
+    _check(_read(ByteArrays(), read_size=5000))
+
+
+def test_progress_advance_counts_every_byte() -> None:
+    class Recorder(ProgressListener):
+        def __init__(self) -> None:
+            self.advances: List[Tuple[int, Optional[int]]] = []
+
+        def advance(self, received: int, total: Optional[int]) -> None:
+            self.advances.append((received, total))
+
+    rec = Recorder()
+    _read(io.BytesIO(BODY), progress=rec, read_size=10_000)
+    assert rec.advances[-1] == (len(BODY), len(BODY))
+    assert [r for r, _ in rec.advances] == sorted(r for r, _ in rec.advances)
+    assert len(rec.advances) == -(-len(BODY) // 10_000)
+
+
+def test_refusal_aborts_every_handler(tmp_path: Any) -> None:
+    aborted: List[str] = []
+
+    class Watch(UploadHandler):
+        def abort(self, ctx: Any, exc: Optional[BaseException]) -> None:
+            aborted.append(type(exc).__name__)
+
+    with pytest.raises(UploadError):
+        _read(io.BytesIO(BODY[:-100]), handlers=[Watch(), TempFileHandler(str(tmp_path)), Watch()], read_size=4096)
+    assert aborted == ["ClientDisconnected", "ClientDisconnected"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_default_handlers_hash_and_keep_files(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    big = os.urandom(3 * 1024 * 1024)
+    body = file_part("small", "s.txt", b"small") + file_part("big", "b.bin", big) + end()
+    p = read_multipart(io.BytesIO(body), content_type=content_type(), content_length=len(body))
+    small, large = p.ctx.files
+    assert small.path is None and small.read() == b"small"
+    assert large.path is not None and os.path.dirname(large.path) == str(tmp_path)
+    assert large.sha256 == hashlib.sha256(big).hexdigest()
+    p.close()
+    assert os.listdir(tmp_path) == []

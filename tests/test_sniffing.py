@@ -1,0 +1,177 @@
+"""Type sniffing from real file heads (drawn in code) and the allowed_types matrix."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from wsgiref.headers import Headers
+
+import pytest
+from PIL import Image
+
+from uploadkit.errors import UnsupportedType
+from uploadkit.files import FileInfo
+from uploadkit.handlers import SniffingHandler
+from uploadkit.limits import Limits
+from uploadkit.pipeline import RequestContext
+from uploadkit.sniffing import check_type, normalize_type, sniff
+
+
+def _image(fmt: str, mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    im = Image.new(mode, (6, 4), (200, 30, 30) if mode == "RGB" else 7)
+    for x in range(6):
+        im.putpixel((x, x % 4), (0, 0, 255) if mode == "RGB" else 1)
+    im.save(out, fmt)
+    return out.getvalue()
+
+
+def _zip() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("hello.txt", "hello " * 100)
+    return out.getvalue()
+
+
+HEADS = {
+    "png": _image("PNG"),
+    "jpeg": _image("JPEG"),
+    "gif": _image("GIF", "P"),
+    "pdf": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n",
+    "zip": _zip(),
+    "text": b"just some text, nothing magic about it\n",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("kind, mime", [
+    ("png", "image/png"), ("jpeg", "image/jpeg"), ("gif", "image/gif"), ("pdf", "application/pdf"),
+    ("zip", "application/zip"), ("text", None), ("empty", None),
+])
+def test_sniff(kind: str, mime: str | None) -> None:
+    assert sniff(HEADS[kind]) == mime
+
+
+def test_sniff_needs_only_the_head() -> None:
+    assert sniff(HEADS["png"][:32]) == "image/png"
+    assert sniff(HEADS["jpeg"][:16]) == "image/jpeg"
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("Image/JPG; q=1", "image/jpeg"), ("image/pjpeg", "image/jpeg"), ("image/x-png", "image/png"),
+    ("application/x-zip-compressed", "application/zip"), (" text/plain ; charset=utf-8", "text/plain"),
+])
+def test_normalize_type(raw: str, norm: str) -> None:
+    assert normalize_type(raw) == norm
+
+
+def _info(filename: str, declared: str = "") -> FileInfo:
+    return FileInfo(field_name="f", filename=filename, raw_filename=filename, declared_type=declared,
+                    content_type=declared or "application/octet-stream", headers=Headers([]), index=0)
+
+
+IMAGES_AND_PDF = Limits(allowed_types=frozenset({"image/png", "image/jpeg", "application/pdf"}))
+IMAGES = Limits(allowed_types=frozenset({"image/*"}))
+ANY = Limits()
+
+MATRIX = [
+    # limits, filename, declared type, head, accepted?, words of the refusal
+    (IMAGES_AND_PDF, "a.png", "image/png", "png", True, ""),
+    (IMAGES_AND_PDF, "a.jpeg", "image/jpeg", "jpeg", True, ""),
+    (IMAGES_AND_PDF, "a.JPG", "image/jpeg", "jpeg", True, ""),
+    (IMAGES_AND_PDF, "doc.pdf", "application/pdf", "pdf", True, ""),
+    (IMAGES_AND_PDF, "noext", "", "png", True, ""),
+    # not allowed
+    (IMAGES_AND_PDF, "a.gif", "image/gif", "gif", False, "image/gif, which is not an allowed type"),
+    (IMAGES_AND_PDF, "a.zip", "application/zip", "zip", False, "application/zip, which is not an allowed"),
+    (IMAGES_AND_PDF, "a.txt", "text/plain", "text", False, "text/plain, which is not an allowed type"),
+    # unidentifiable bytes declared as a sniffable type
+    (IMAGES_AND_PDF, "a.png", "image/png", "text", False, "declared as image/png but its bytes are not"),
+    (IMAGES_AND_PDF, "blob", "image/png", "text", False, "declared as image/png"),
+    (IMAGES_AND_PDF, "a.png", "", "text", False, "named .png but its bytes are not image/png"),
+    # PNG bytes named .jpg
+    (IMAGES_AND_PDF, "a.jpg", "image/jpeg", "png", False, "is image/png but its name says image/jpeg"),
+    (IMAGES_AND_PDF, "a.jpg", "image/png", "png", False, "is image/png but its name says image/jpeg"),
+    # active content refused whatever the bytes
+    (IMAGES_AND_PDF, "shell.php", "image/png", "png", False, "'.php' is never accepted"),
+    (IMAGES_AND_PDF, "page.html", "", "png", False, "'.html' is never accepted"),
+    (IMAGES_AND_PDF, "x.svg", "image/svg+xml", "text", False, "'.svg' is never accepted"),
+    (IMAGES_AND_PDF, "app.js", "", "text", False, "'.js' is never accepted"),
+    (IMAGES, "shell.PHP", "image/png", "png", False, "'.php' is never accepted"),
+    # wildcard
+    (IMAGES, "a.png", "image/png", "png", True, ""),
+    (IMAGES, "a.gif", "", "gif", True, ""),
+    (IMAGES, "a.jpg", "", "jpeg", True, ""),
+    (IMAGES, "doc.pdf", "application/pdf", "pdf", False, "application/pdf, which is not an allowed type"),
+    (IMAGES, "a.txt", "", "text", False, "text/plain, which is not an allowed type"),
+    # no restriction at all
+    (ANY, "shell.php", "application/x-php", "text", True, ""),
+    (ANY, "a.jpg", "image/jpeg", "png", True, ""),
+    (ANY, "a.png", "image/png", "text", True, ""),
+    (ANY, "a.exe", "", "zip", True, ""),
+]
+
+
+@pytest.mark.parametrize("limits, filename, declared, head, accepted, words", MATRIX)
+def test_check_type_matrix(limits: Limits, filename: str, declared: str, head: str, accepted: bool,
+                           words: str) -> None:
+    problem = check_type(_info(filename, normalize_type(declared) if declared else ""), sniff(HEADS[head]), limits)
+    if accepted:
+        assert problem is None
+    else:
+        assert problem is not None and words in problem, problem
+        assert repr(filename) in problem
+
+
+OCTET = Limits(allowed_types=frozenset({"application/octet-stream", "text/plain"}))
+
+
+@pytest.mark.parametrize("filename, declared", [
+    pytest.param("data.bin", "", id="named-bin"),
+    pytest.param("data.dat", "application/octet-stream", id="declared-octet-stream"),
+])
+def test_octet_stream_is_not_a_sniffable_claim(filename: str, declared: str) -> None:
+    assert check_type(_info(filename, declared), sniff(HEADS["text"]), OCTET) is None
+
+
+def _sniffing_handler(limits: Limits) -> SniffingHandler:
+    h = SniffingHandler()
+    h.request_start(RequestContext(limits=limits))
+    return h
+
+
+def test_sniffing_handler_sets_content_type_from_bytes() -> None:
+    info = _info("photo.jpeg", "application/octet-stream")
+    info.head = HEADS["jpeg"]
+    assert _sniffing_handler(ANY).file_start(info) is None
+    assert info.content_type == "image/jpeg"
+
+
+def test_sniffing_handler_keeps_declared_type_when_bytes_say_nothing() -> None:
+    info = _info("notes.txt", "text/plain")
+    info.content_type = "text/plain"
+    info.head = HEADS["text"]
+    _sniffing_handler(ANY).file_start(info)
+    assert info.content_type == "text/plain"
+
+
+def test_sniffing_handler_refuses_with_415_naming_the_allowed_types() -> None:
+    info = _info("a.gif", "image/gif")
+    info.head = HEADS["gif"]
+    with pytest.raises(UnsupportedType) as err:
+        _sniffing_handler(IMAGES_AND_PDF).file_start(info)
+    e = err.value
+    assert e.status == 415 and e.code == "unsupported_type"
+    assert e.field == "f"
+    assert e.limit == ["application/pdf", "image/jpeg", "image/png"]
+    assert "'a.gif'" in e.message
+
+
+def test_limits_validate_allowed_types() -> None:
+    with pytest.raises(ValueError):
+        Limits(allowed_types="image/png")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Limits(allowed_types=frozenset({"png"}))
+    assert Limits(allowed_types=frozenset({" Image/PNG "})).allows_type("image/png")
+    assert Limits(allowed_types=frozenset({"image/*"})).allows_type("IMAGE/WEBP")
+    assert not Limits(allowed_types=frozenset({"image/*"})).allows_type("application/pdf")
