@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -185,7 +185,7 @@ def bench_s3(size: int, chunk: int, block_size: int) -> None:
         server.wait(10)
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=256, help="MiB for the local comparison (default 256)")
     ap.add_argument("--s3-size", type=int, default=512, help="MiB streamed to S3 (default 512; 0 skips)")
@@ -193,7 +193,10 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=5, help="s3fs block size in MiB (default 5, the minimum)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per local variant; the best counts")
     ap.add_argument("--dir", default=None, help="working directory on the disk to measure (default: temp)")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="small sizes (32 MiB local, 64 MiB to S3), one run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.s3_size, args.repeat = min(args.size, 32), min(args.s3_size, 64), 1
     chunk = args.chunk * 1024
     workdir = tempfile.mkdtemp(prefix="uploadkit-bench-", dir=args.dir)
     try:
@@ -203,7 +206,8 @@ def main() -> None:
             bench_s3(args.s3_size * MiB, chunk, args.block_size * MiB)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
