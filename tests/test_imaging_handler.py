@@ -403,3 +403,37 @@ def test_background_formats_and_failures(backend: Backend) -> None:
         assert backend.everything() == sorted([a.key, b.key, a.thumbnails["64x64"]])
     finally:
         t.shutdown()
+
+
+def test_corrupt_jpeg_header_refused_at_file_start(backend: Backend) -> None:
+    bad = bytearray(I.encode(I.drawing(200, 100), "JPEG"))
+    bad[4:6] = b"\x00\x01"  # a segment length below its own size
+    p = Pipeline(chain(Thumbnailer([(50, 50)]), backend.storage), RequestContext(limits=Limits()))
+    p.start()
+    p.start_file("pic", "x.jpg", "image/jpeg")
+    p.feed(bytes(bad))  # less than the head: file_start runs at the file's end
+    with pytest.raises(BadImage, match="x.jpg.*corrupt") as info:
+        p.end_file()
+    p.abort(info.value)
+    assert info.value.field == "pic" and backend.everything() == []
+
+
+def test_thumbnails_follow_a_renamed_original(backend: Backend) -> None:
+    # Same filename twice under collision="rename": the second original gets a
+    # new key at commit time, and its thumbnails must be named after that key
+    # and show its own picture, not the first upload's.
+    base = backend.storage
+    storage = Storage(base.root, fs=base.fs, upload_to="{filename}", collision="rename")
+    t = Thumbnailer([(50, 50)])
+    red = I.encode(Image.new("RGB", (200, 100), (255, 0, 0)), "PNG")
+    blue = I.encode(Image.new("RGB", (100, 200), (0, 0, 255)), "PNG")
+    (first,) = run(chain(t, storage), [("a", "same.png", "image/png", red)]).ctx.files
+    (second,) = run(chain(t, storage), [("a", "same.png", "image/png", blue)]).ctx.files
+    assert first.key == "same.png" and second.key != first.key and second.key.endswith(".png")
+    for f, colour, size in ((first, (255, 0, 0), (50, 25)), (second, (0, 0, 255), (25, 50))):
+        stem = f.key.rsplit(".", 1)[0]
+        assert f.thumbnails == {"50x50": f"{stem}.50x50.jpg"}  # opaque: JPEG
+        with storage.open(f.thumbnails["50x50"]) as fh:
+            im = decode(fh.read()).convert("RGB")
+        assert im.size == size
+        assert all(abs(a - b) < 12 for a, b in zip(im.getpixel((10, 10)), colour))

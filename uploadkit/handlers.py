@@ -20,6 +20,9 @@ per-request state). The pipeline (:mod:`uploadkit.pipeline`) drives them:
     is the file.
 ``request_end(ctx)``
     after the last part; may still refuse. Sinks commit here, so they go last.
+``request_committed(ctx)``
+    once every ``request_end`` succeeded: files have their final keys, so
+    derived files (thumbnails) are stored here. A failure still aborts all.
 ``close(ctx)``
     when the response is closed (or the app raised): release temp files.
 ``abort(ctx, exc)``
@@ -79,6 +82,9 @@ class UploadHandler:
         return None
 
     def request_end(self, ctx: "RequestContext") -> None:
+        pass
+
+    def request_committed(self, ctx: "RequestContext") -> None:
         pass
 
     def close(self, ctx: "RequestContext") -> None:

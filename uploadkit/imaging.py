@@ -1422,10 +1422,14 @@ class ThumbnailHandler(UploadHandler):
 
     Where thumbnails go:
 
-    * with storage: ``storage.thumbnail_key(file.key, w, h, ext)`` beside the
-      original, committed in ``request_end`` (before the sink commits the
-      original; removed again if the request aborts after that), and
-      ``file.thumbnails`` maps ``"WxH"`` to those keys;
+    * with storage: thumbnails are made in ``request_end`` (a bad image is
+      refused before the sink commits the original) and stored in
+      ``request_committed``, once the original has its final key (a renamed
+      one included), as ``storage.thumbnail_key(file.key, w, h, ext)`` beside
+      it; they are removed again if the request aborts after that.
+      ``file.thumbnails`` maps ``"WxH"`` to those keys. A stale thumbnail
+      under such a key is replaced; under ``collision="dedup"`` the thumbnails
+      an identical, already stored original has are kept;
     * without storage (or for a file no storage key was given): the encoded
       :class:`Thumbnail` objects in ``file.extra["thumbnails"]`` (``"WxH"`` ->
       Thumbnail), in memory: thumbnails are small.
@@ -1446,18 +1450,19 @@ class ThumbnailHandler(UploadHandler):
         self._committed: List[str] = []
         self._pending: List[Any] = []
         self._deferred: List[Tuple[_Job, Optional[Box], Dict[str, str]]] = []
+        self._made: List[Tuple[UploadedFile, Mapping[str, Thumbnail]]] = []
+        self._later: List[Tuple[_Job, Optional[Box]]] = []
 
     # -- streaming ---------------------------------------------------------
 
     def file_start(self, info: FileInfo) -> Any:
-        header = probe(info.head)
-        if header is None:
-            self._current = None
-            return None
+        self._current = None
         try:
-            _check_pixels(header.width, header.height, self.thumbnailer.max_pixels)
+            header = self.thumbnailer.check(info.head)
         except BadImage as exc:
             raise self._name(exc, info) from None
+        if header is None:
+            return None
         job = _Job(info, header, Spool(self.thumbnailer.spool_memory, self.thumbnailer.tempdir))
         if header.format == "JPEG":
             job.walk = _JpegWalk()
@@ -1550,51 +1555,46 @@ class ThumbnailHandler(UploadHandler):
             file = job.info.file
             if file is None:
                 continue
-            key = getattr(file, "key", None)
             if t.background:
                 job.alpha = self._check_now(job, crop)
-                promised: Dict[str, str] = {}
-                if self._can_store(key):
-                    assert key is not None
-                    for spec in t.specs:
-                        ext = _OUTPUT[t.thumbnail_format(spec, job.alpha)][1]
-                        promised[spec.key] = self.storage.thumbnail_key(key, spec.width, spec.height, ext)
-                    file.thumbnails.update(promised)
                 file.extra["thumbnails_pending"] = True
-                self._deferred.append((job, crop, promised))
+                self._later.append((job, crop))
                 continue
             try:
                 thumbs = t.make(job.spool.reader(), crop=crop)
             except BadImage as exc:
                 raise self._name(exc, job.info) from None
-            if self._can_store(key):
-                assert key is not None
+            self._made.append((file, thumbs))
+
+    def request_committed(self, ctx: "RequestContext") -> None:
+        """The originals have their final keys: store thumbnails beside them."""
+        t = self.thumbnailer
+        for file, thumbs in self._made:
+            key = getattr(file, "key", None)
+            if self.storage is not None and key:
                 self._store_all(key, thumbs, file)
             else:
                 file.extra["thumbnails"] = thumbs
-
-    def _can_store(self, key: Optional[str]) -> bool:
-        """Whether thumbnails can be named after ``key`` before the sink commits it.
-
-        The sink commits the original after this handler's ``request_end``; under
-        ``collision="rename"`` or ``"error"`` a key that is already taken will not
-        be the original's final key, so its thumbnails could not be found from
-        it. Such files keep their thumbnails in ``extra["thumbnails"]``.
-        """
-        storage = self.storage
-        if storage is None or not key:
-            return False
-        if getattr(storage, "collision", None) in ("rename", "error") and storage.exists(key):
-            log.warning("uploadkit: %r is taken; its thumbnails stay on the file, not in storage", key)
-            return False
-        return True
+        self._made = []
+        for job, crop in self._later:
+            later = job.info.file
+            assert later is not None
+            key = getattr(later, "key", None)
+            promised: Dict[str, str] = {}
+            if self.storage is not None and key:
+                for spec in t.specs:
+                    ext = _OUTPUT[t.thumbnail_format(spec, job.alpha)][1]
+                    promised[spec.key] = self.storage.thumbnail_key(key, spec.width, spec.height, ext)
+                later.thumbnails.update(promised)
+            self._deferred.append((job, crop, promised))
+        self._later = []
 
     def _store_all(self, key: str, thumbs: Mapping[str, Thumbnail], file: UploadedFile) -> None:
         storage = self.storage
-        # Under dedup the original may already be stored with its thumbnails:
+        # A deduplicated original was already stored, with its thumbnails:
         # those are kept (they are not this request's to remove on abort).
-        # Under any other policy the original's key is this request's.
-        existing = getattr(storage, "collision", None) == "dedup" and storage.exists(key)
+        # Otherwise the original's final key is this request's.
+        existing = bool(getattr(file, "deduplicated", False))
         for thumb in thumbs.values():
             spec_w, spec_h = (int(v) for v in thumb.size.split("x"))
             tkey = storage.thumbnail_key(key, spec_w, spec_h, thumb.extension)

@@ -84,6 +84,8 @@ class Pipeline:
         self.progress.processing()
         for h in self.handlers:
             h.request_end(self.ctx)
+        for h in self.handlers:
+            h.request_committed(self.ctx)
         self.progress.done(self.ctx)
 
     def close(self) -> None:
