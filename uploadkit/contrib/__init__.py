@@ -20,13 +20,12 @@ import inspect
 import io
 import json
 import re
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type, TypeVar
 
-from ..errors import MalformedMultipart, UploadError
+from ..errors import UploadError
 from ..limits import Limits
-from ..middleware import FILES_KEY, UploadMiddleware
+from ..middleware import FILES_KEY, ClosingResponse, UploadMiddleware
 from ..pipeline import Pipeline
-from ..reader import read_multipart
 
 Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -474,78 +473,14 @@ class AdapterMiddleware(UploadMiddleware):
 def stream_upload(engine: UploadMiddleware, environ: Environ, stream: Any,
                   limits: Optional[Limits] = None) -> Pipeline:
     """Stream the multipart body of ``environ`` from ``stream`` with ``engine``'s
-    configuration, and hand it over exactly as the middleware does (environ keys,
-    re-encoded small body). For adapters that run inside the framework.
-
-    The caller closes the returned pipeline when the response is over.
-
-    :raises UploadError: a refusal; nothing is left behind, and up to
-        ``engine.drain_limit`` unread body bytes were read and dropped.
+    configuration, and hand it over exactly as the middleware does: see
+    :meth:`UploadMiddleware.stream`. For adapters that run inside the framework.
     """
-    raw = environ.get("CONTENT_LENGTH")
-    text = "" if raw is None else str(raw).strip()
-    content_length: Optional[int] = int(text) if text.isdigit() else None
-    counted = _Counting(stream)
-    try:
-        if text and not text.isdigit():
-            raise MalformedMultipart("the Content-Length header is not a number")
-        progress = engine.progress_for(environ)
-        pipeline = read_multipart(
-            counted, content_type=environ.get("CONTENT_TYPE", ""), content_length=content_length,
-            limits=limits if limits is not None else engine.limits_for(environ),
-            handlers=engine.handlers_for(environ), environ=environ, progress=progress,
-            read_size=engine.read_size, terminated=bool(environ.get("wsgi.input_terminated")))
-    except UploadError as exc:
-        if content_length is not None and exc.code != "client_disconnected":
-            _drain(counted, content_length - counted.count, engine.drain_limit)
-        raise
-    engine.hand_over(environ, pipeline)
-    return pipeline
+    return engine.stream(environ, stream, limits)
 
 
-class _Counting:
-    __slots__ = ("stream", "count")
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data: bytes = self.stream.read(size)
-        self.count += len(data)
-        return data
-
-
-def _drain(stream: _Counting, left: int, limit: int) -> None:
-    if left <= 0 or left > limit:
-        return
-    try:
-        while left > 0:
-            chunk = stream.read(min(left, 1 << 16))
-            if not chunk:
-                return
-            left -= len(chunk)
-    except (OSError, ValueError, AssertionError):  # Django's test payload asserts on over-reads
-        return
-
-
-class ClosingIterator:
-    """An iterable that runs ``on_close`` after the wrapped one is closed."""
-
-    def __init__(self, iterable: Iterable[bytes], on_close: Callable[[], None]) -> None:
-        self.iterable = iterable
-        self.on_close = on_close
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self.iterable)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self.iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.on_close()
+#: Kept under the name the adapters use.
+ClosingIterator = ClosingResponse
 
 
 def charset_of(upload: Any) -> Optional[str]:
