@@ -14,45 +14,22 @@ Sizes scale with environment variables for longer runs:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional
+from typing import Any
 
-import pytest
 
-from tests.support.cluster import (KiB, MiB, Cluster, MotoProcess, Poller, Upload, build_body,  # noqa: F401
-                                   http_post, module_memcached, moto_process, plan_sizes, wait_final)
+from tests.support.cluster import (KiB, MiB, Cluster, MotoProcess, Poller, Upload,  # noqa: F401
+                                   module_memcached, moto_process, plan_sizes, run_upload, wait_final)
 from tests.support.memcached import MemcachedServer
 
 UPLOADS = int(os.environ.get("UPLOADKIT_CLUSTER_UPLOADS", "200"))
 BUDGET = int(os.environ.get("UPLOADKIT_CLUSTER_BUDGET_MIB", "400")) * MiB
 IN_FLIGHT = int(os.environ.get("UPLOADKIT_CLUSTER_IN_FLIGHT", "24"))
 WORKERS = 4
-THREADS = 8
+THREADS = 6
 PEAK_RSS_LIMIT_MIB = 200
-
-
-def run_upload(port: int, up: Upload, path: str = "/upload", active: Optional[set] = None) -> Upload:
-    body, ctype, up.sha256 = build_body(up.size, up.index)
-    if active is not None:
-        active.add(up.progress_id)
-    t0 = time.perf_counter()
-    try:
-        status, headers, raw = http_post(port, f"{path}?X-Progress-ID={up.progress_id}", body, ctype)
-    except Exception as exc:  # recorded and asserted on by the test
-        up.error = f"{type(exc).__name__}: {exc}"
-        return up
-    finally:
-        up.seconds = time.perf_counter() - t0
-        if active is not None:
-            active.discard(up.progress_id)
-        del body
-    up.status = status
-    up.worker = int(headers.get("x-worker-pid", 0))
-    up.answer = json.loads(raw) if raw else None
-    return up
 
 
 def test_many_workers_memcached_progress_s3_storage_nothing_lost(

@@ -75,6 +75,12 @@ def files(tmp_path_factory: Any) -> Dict[str, str]:
         f.write(small.getvalue())
         f.write(b"\0" * (LIMIT + 2 * MiB - len(small.getvalue())))
     out["huge"] = huge
+    # Far over the limit: more is left unread after the refusal than the
+    # middleware drains, so the server answers while the browser still sends.
+    far = str(d / "far-too-big.bin")
+    with open(far, "wb") as f:
+        f.write(os.urandom(MiB) * (LIMIT // MiB + 24))
+    out["far"] = far
     return out
 
 
@@ -88,8 +94,8 @@ def demo(tmp_path: Any) -> Any:
         yield cmd
 
 
-def _throttle(page: Any, upload_bytes_per_s: float) -> Any:
-    cdp = page.context.new_cdp_session(page)
+def _throttle(tab: Any, upload_bytes_per_s: float) -> Any:
+    cdp = tab.context.new_cdp_session(tab)
     cdp.send("Network.enable")
     cdp.send("Network.emulateNetworkConditions", {
         "offline": False, "latency": 0, "downloadThroughput": -1,
@@ -117,13 +123,16 @@ def test_demo_in_chromium(demo: Any, page: Any, files: Dict[str, str]) -> None: 
     cdp = _throttle(page, THROTTLE)
     started = time.monotonic()
     page.set_input_files("#file-input", files["big"])
+    page.wait_for_selector("#queue li[data-state=uploading][data-percent]", timeout=30_000)
+    page.wait_for_function("() => +(document.querySelector('#queue li').dataset.percent) >= 40", timeout=30_000)
+    page.screenshot(path=artifact_path("demo-uploading.png"))
     page.wait_for_selector("#queue li[data-state=done] >> text=noise.png", timeout=60_000)
     took = time.monotonic() - started
     seen = [s for s in page.evaluate("window.__seen") if s["name"] == "noise.png"]
     percents = sorted({int(s["percent"]) for s in seen if s["percent"]})
     assert any(0 < p < 100 for p in percents), (percents, seen[:20])
     assert len([p for p in percents if 0 < p < 100]) >= 3, percents
-    assert seen[-1]["state"] == "done", seen[-5:]
+    assert (seen[-1]["state"], seen[-1]["percent"]) == ("done", "100"), seen[-5:]
     states = [s["state"] for s in seen]
     assert "uploading" in states
     # Intermediate values came in order: the bar never went backwards.
@@ -171,6 +180,14 @@ def test_demo_in_chromium(demo: Any, page: Any, files: Dict[str, str]) -> None: 
     assert page.locator("#gallery .card").count() == 1
     assert not [k for k in _stored(storage) if "too-big" in k]
 
+    page.set_input_files("#file-input", files["far"])
+    failed = page.locator("#queue li[data-state=error]", has_text="far-too-big.bin")
+    failed.wait_for(timeout=30_000)
+    message = failed.locator(".state").inner_text()
+    assert "far-too-big.bin" in message and "24.0 MiB" in message, message
+    assert not [k for k in _stored(storage) if "far-too-big" in k]
+
     # The page after all this, for people to look at.
+    page.wait_for_timeout(400)  # let the bars' width transitions end
     page.screenshot(path=artifact_path("demo.png"), full_page=True)
     assert page.js_errors == []

@@ -27,16 +27,17 @@ import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import format_size
 
 __all__ = ["Leftover", "CleanupReport", "parse_duration", "format_duration", "find_temp_files",
            "find_storage_leftovers", "cleanup"]
 
-#: What :class:`~uploadkit.handlers.TempFileHandler` names its files
-#: (``tempfile.mkstemp(prefix="uploadkit-", suffix=".part")``).
-TEMP_FILE_RE = re.compile(r"uploadkit-[A-Za-z0-9_]+\.part")
+#: What :class:`~uploadkit.handlers.TempFileHandler` names its files:
+#: ``uploadkit-<random token>-<n>.part`` (and ``mkstemp``'s
+#: ``uploadkit-<random>.part`` from earlier versions).
+TEMP_FILE_RE = re.compile(r"uploadkit-[A-Za-z0-9_-]+\.part")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -168,7 +169,7 @@ def _timestamp(value: Any) -> Optional[float]:
     return None
 
 
-def _mtime_of(details: dict) -> Optional[float]:
+def _mtime_of(details: Dict[str, Any]) -> Optional[float]:
     for name in ("LastModified", "mtime", "last_modified", "modified", "updated", "created"):
         stamp = _timestamp(details.get(name))
         if stamp is not None:
@@ -225,18 +226,26 @@ def _is_s3(fs: Any) -> bool:
 
 
 def _find_multipart_uploads(storage: Any, older_than: float, now: float) -> List[Leftover]:
+    """S3 multipart uploads under the root whose last activity is older than ``older_than``.
+
+    Activity is the newest of the upload's start and its parts' times: an
+    upload started long ago that still receives parts is in flight, not stale.
+    """
     fs = storage.fs
     if not _is_s3(fs):
         return []
     bucket, _, prefix = storage.root.strip("/").partition("/")
     prefix = prefix + "/" if prefix else ""
     found = []
-    kwargs = {"Bucket": bucket, "Prefix": prefix}
+    kwargs: Dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
     while True:
         page = fs.call_s3("list_multipart_uploads", **kwargs)
         for upload in page.get("Uploads", []):
             started = _timestamp(upload.get("Initiated"))
-            age = now - started if started is not None else 0.0
+            if started is not None and now - started < older_than:
+                continue
+            last = _last_activity(fs, bucket, upload["Key"], upload["UploadId"], started)
+            age = now - last if last is not None else float("inf")
             if age >= older_than:
                 found.append(Leftover("multipart-upload", f"{bucket}/{upload['Key']}", age,
                                       upload_id=upload["UploadId"]))
@@ -245,6 +254,23 @@ def _find_multipart_uploads(storage: Any, older_than: float, now: float) -> List
         kwargs["KeyMarker"] = page.get("NextKeyMarker", "")
         kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
     return sorted(found, key=lambda item: (item.location, item.upload_id or ""))
+
+
+def _last_activity(fs: Any, bucket: str, key: str, upload_id: str, started: Optional[float]) -> Optional[float]:
+    last = started
+    kwargs: Dict[str, Any] = {"Bucket": bucket, "Key": key, "UploadId": upload_id}
+    while True:
+        try:
+            page = fs.call_s3("list_parts", **kwargs)
+        except FileNotFoundError:  # completed or aborted meanwhile
+            return last
+        for part in page.get("Parts", []):
+            stamp = _timestamp(part.get("LastModified"))
+            if stamp is not None and (last is None or stamp > last):
+                last = stamp
+        if not page.get("IsTruncated"):
+            return last
+        kwargs["PartNumberMarker"] = page.get("NextPartNumberMarker", 0)
 
 
 # -- removing ------------------------------------------------------------------------
@@ -320,5 +346,5 @@ def parse_option(text: str) -> Tuple[str, Any]:
     return key.strip(), parsed
 
 
-def options_from(pairs: Iterable[str]) -> dict:
+def options_from(pairs: Iterable[str]) -> Dict[str, Any]:
     return dict(parse_option(p) for p in pairs)

@@ -3,17 +3,23 @@
 Drop files, watch each one's server-side progress, see thumbnails appear in a
 gallery, open or delete the originals. Embedded defaults: progress in process
 memory, files in a local directory named on start-up.
+
+Routes: ``GET /`` the page; ``POST /upload`` (multipart, through the
+middleware: stored, hashed, thumbnailed) answers ``{"files": [...]}``;
+``GET /api/files`` lists this run's files; ``DELETE /api/files/<key>`` removes
+one with its thumbnails; ``GET /media/<key>`` serves stored files (read only);
+``/upload/progress`` is the middleware's status route, which also serves
+``uploadkit.js``.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
+import signal
 import sys
 import tempfile
 import threading
-from importlib import resources
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from .limits import Limits
@@ -42,15 +48,17 @@ class DemoApp:
         self.page = render_page(max_file_size, max_files)
         self.items: List[Dict[str, Any]] = []
         self.lock = threading.Lock()
-        self.media = storage.app(authorize=lambda environ, action, key: allowed_delete)
+        self.allowed_delete = allowed_delete
+        # Read only: deletes go through /api/files/<key>, which keeps the list in step.
+        self.media = storage.app()
 
     def describe(self, f: Any) -> Dict[str, Any]:
         return {
             "field": f.field_name, "filename": f.filename, "size": f.size,
             "content_type": f.content_type, "sha256": f.sha256, "key": f.key,
-            "url": MEDIA_PREFIX + f.key if f.key else None,
+            "url": f.url,
             "deduplicated": bool(getattr(f, "deduplicated", False)),
-            "thumbnails": {size: MEDIA_PREFIX + key for size, key in sorted(f.thumbnails.items())},
+            "thumbnails": {size: self.storage.url(key) for size, key in sorted(f.thumbnails.items())},
         }
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -78,6 +86,10 @@ class DemoApp:
             return _json(start_response, "200 OK", {"files": items})
         if path.startswith("/api/files/") and method == "DELETE":
             key = path[len("/api/files/"):]
+            if not self.allowed_delete:
+                return _json(start_response, "403 Forbidden", {"error": {
+                    "code": "forbidden", "message": "deleting is turned off on this demo", "field": None,
+                    "limit": None}})
             with self.lock:
                 known = [i for i in self.items if i["key"] == key]
                 if not known:
@@ -85,11 +97,15 @@ class DemoApp:
                         "code": "not_found", "message": f"no stored file {key!r}", "field": None,
                         "limit": None}})
                 self.items = [i for i in self.items if i["key"] != key]
-            self.storage.delete(key)
+            try:
+                self.storage.delete(key)
+            except FileNotFoundError:
+                pass  # removed behind the demo's back: gone either way
             return _json(start_response, "200 OK", {"deleted": key})
         if path.startswith(MEDIA_PREFIX):
             environ = dict(environ, PATH_INFO=path[len(MEDIA_PREFIX) - 1:], SCRIPT_NAME=MEDIA_PREFIX.rstrip("/"))
-            return self.media(environ, start_response)
+            served: Iterable[bytes] = self.media(environ, start_response)
+            return served
         return _json(start_response, "404 Not Found", {"error": {
             "code": "not_found", "message": f"nothing at {path}", "field": None, "limit": None}})
 
@@ -125,13 +141,23 @@ def serve(host: str = "127.0.0.1", port: int = 8000, storage_url: Optional[str] 
     print(f"  files are stored in {app.demo_storage_url}", flush=True)  # type: ignore[attr-defined]
     print(f"  progress: {'memcached ' + memcached if memcached else 'in process memory'}", flush=True)
     print("  press Ctrl+C to stop", flush=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a service manager, `kill`) stops it as cleanly as Ctrl+C.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
     finally:
         server.server_close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def render_page(max_file_size: Optional[int] = None, max_files: Optional[int] = None) -> bytes:
@@ -152,6 +178,7 @@ PAGE = r"""<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>uploadkit demo</title>
+<link rel="icon" href="data:,">
 <style>
   :root { --fg:#1d2330; --muted:#677185; --line:#dfe3ea; --accent:#3d6df2; --ok:#1f9d55; --bad:#d64545; }
   * { box-sizing: border-box; }
@@ -281,8 +308,7 @@ PAGE = r"""<!doctype html>
         addToGallery(files);
       },
       onError: function (err) {
-        li.className = "error"; li.dataset.state = "error";
-        if (!shown) advance(100);
+        li.className = "error"; li.dataset.state = "error"; advance(100);
         state.textContent = (err && err.message) || "upload failed";
         if (err && err.status) state.title = "HTTP " + err.status + (err.code ? " \u00b7 " + err.code : "");
       }

@@ -31,7 +31,7 @@ class QuietHandler(WSGIRequestHandler):
 
     def setup(self) -> None:
         # StreamRequestHandler.setup() applies self.timeout to the socket.
-        self.timeout = getattr(self.server, "inactivity_timeout", None)
+        self.timeout = getattr(self.server, "inactivity_timeout", None)  # type: ignore[misc]
         super().setup()
 
     def handle(self) -> None:

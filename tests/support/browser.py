@@ -150,6 +150,14 @@ class Command:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def expect(self, text: str, timeout: float = 5.0) -> None:
+        """Wait until ``text`` appears in the output (it is read by another thread)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the output of {self.args}:\n{self.output}")
+            time.sleep(0.02)
+
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)

@@ -319,8 +319,7 @@ class Cluster:
                 raise RuntimeError(f"gunicorn exited with {self.proc.returncode}: {self.log_tail()}")
             try:
                 status, headers, _ = http_get(self.port, "/pid", timeout=10)
-                if status == 200:
-                    seen.add(headers.get("x-worker-pid"))
+                seen.add(headers.get("x-worker-pid", status))  # any answer: a worker is up
             except OSError:
                 time.sleep(0.05)
                 continue
@@ -388,7 +387,7 @@ class Cluster:
 # -- clients -----------------------------------------------------------------------------
 
 
-class ConnectionDropped(Exception):
+class ConnectionDropped(ConnectionError):
     """The server closed the connection without an answer."""
 
 
@@ -483,6 +482,32 @@ class Upload:
     worker: Optional[int] = None
     seconds: float = 0.0
     error: Optional[str] = None
+
+
+def run_upload(port: int, up: Upload, path: str = "/upload", active: Optional[set] = None) -> Upload:
+    """Send ``up`` (its body built from its index), record the answer in it.
+    With ``active``, its progress id is in that set while it is being sent."""
+    body, ctype, up.sha256 = build_body(up.size, up.index)
+    if active is not None:
+        active.add(up.progress_id)
+    t0 = time.perf_counter()
+    try:
+        status, headers, raw = http_post(port, f"{path}?X-Progress-ID={up.progress_id}", body, ctype)
+    except Exception as exc:  # recorded and asserted on by the test
+        up.error = f"{type(exc).__name__}: {exc}"
+        return up
+    finally:
+        up.seconds = time.perf_counter() - t0
+        if active is not None:
+            active.discard(up.progress_id)
+        del body
+    up.status = status
+    up.worker = int(headers.get("x-worker-pid", 0))
+    try:
+        up.answer = json.loads(raw) if raw else None
+    except ValueError:
+        up.answer = {"not_json": raw[:300].decode("latin-1")}
+    return up
 
 
 def build_body(size: int, seed: int, filename: Optional[str] = None) -> Tuple[bytes, str, str]:

@@ -320,7 +320,8 @@
     bar.removeAttribute("value"); // indeterminate until sizes are known
 
     function show(p) {
-      if (p.size) { bar.max = p.size; bar.value = Math.min(p.received, p.size); }
+      // Never backwards: the server's count may trail the browser's when it takes over.
+      if (p.size) { bar.max = p.size; bar.value = Math.max(bar.value || 0, Math.min(p.received, p.size)); }
       if (p.state === "done" && bar.max) bar.value = bar.max;
       line.textContent = describe(p);
     }
