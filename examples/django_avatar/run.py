@@ -40,7 +40,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.data:
         os.environ["AVATAR_DATA"] = os.path.abspath(args.data)
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings")
+    # This example always runs with its own settings, whatever the shell says.
+    os.environ["DJANGO_SETTINGS_MODULE"] = "settings"
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
 
