@@ -816,3 +816,36 @@ def test_sse_for_a_finished_upload_is_one_event() -> None:
     store.set("abc", {"state": "error", "status": 413}, 60)
     r = call(ProgressApp(store), "X-Progress-ID=abc", HTTP_ACCEPT="text/event-stream")
     assert sse_events(r.body) == ['retry: 1000\ndata: {"state":"error","status":413}']
+
+
+def test_bytes_held_back_by_the_throttle_are_written_when_the_client_stalls() -> None:
+    # A burst inside one throttle window, then silence: no later read will
+    # come to write the count, so the flusher must. (Real clock on purpose.)
+    store = RecordingStore()
+    p = StoreProgress(store, "stall", ProgressSettings(interval=0.1, min_percent=1.0, refresh=60.0))
+    p.start(RequestContext(limits=Limits(), content_length=100 * 2**20))
+    for mib in range(1, 17):
+        p.advance(mib * 2**20, 100 * 2**20)
+    assert store.get("stall")["received"] < 16 * 2**20  # held back by the throttle
+    deadline = time.monotonic() + 3
+    while store.get("stall")["received"] != 16 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert store.get("stall")["received"] == 16 * 2**20
+    assert store.get("stall")["state"] == "uploading"
+    writes = p.writes
+    time.sleep(0.3)  # nothing new: the flusher does not write again
+    assert p.writes == writes
+
+
+def test_a_flush_never_lands_after_the_final_state() -> None:
+    store = RecordingStore()
+    p = StoreProgress(store, "fin", ProgressSettings(interval=0.1, min_percent=1.0, refresh=60.0))
+    ctx = RequestContext(limits=Limits(), content_length=10 * 2**20)
+    p.start(ctx)
+    for mib in range(1, 11):
+        p.advance(mib * 2**20, 10 * 2**20)
+    p.processing()
+    p.done(ctx)
+    time.sleep(0.3)
+    assert store.get("fin")["state"] == "done"
+    assert store.get("fin")["received"] == 10 * 2**20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 import os
 from typing import Any, List, Optional, Tuple
 
@@ -195,3 +196,49 @@ def test_default_handlers_hash_and_keep_files(tmp_path: Any, monkeypatch: Any) -
     assert large.sha256 == hashlib.sha256(big).hexdigest()
     p.close()
     assert os.listdir(tmp_path) == []
+
+
+class _PacedStream:
+    """A blocking stream like a socket's: read(n) returns once n bytes have
+    'arrived' at ``rate`` bytes a second (or the body ends). Records each size asked."""
+
+    def __init__(self, data: bytes, rate: Optional[float]) -> None:
+        self.data = io.BytesIO(data)
+        self.rate = rate
+        self.asked: List[int] = []
+
+    def read(self, size: int = -1) -> bytes:
+        self.asked.append(size)
+        chunk = self.data.read(size)
+        if self.rate:
+            time.sleep(len(chunk) / self.rate)
+        return chunk
+
+
+def _paced_upload(total: int, rate: Optional[float]) -> _PacedStream:
+    from uploadkit.multipart import encode_multipart
+    from uploadkit.handlers import MemoryHandler
+
+    body, ctype = encode_multipart([], [("f", "a.bin", "application/octet-stream", b"x" * total)])
+    stream = _PacedStream(body, rate)
+    p = read_multipart(stream, content_type=ctype, content_length=len(body),
+                       handlers=[MemoryHandler(64 << 20)], read_size=1 << 20)
+    assert p.ctx.files[0].size == total
+    p.close()
+    return stream
+
+
+def test_reads_grow_to_read_size_while_the_client_keeps_up() -> None:
+    stream = _paced_upload(8 << 20, rate=None)
+    assert stream.asked[0] == 64 * 1024
+    assert max(stream.asked) == 1 << 20
+    assert stream.asked[:5] == [64 * 1024, 128 * 1024, 256 * 1024, 512 * 1024, 1 << 20]
+
+
+def test_reads_shrink_for_a_slow_client_so_progress_moves() -> None:
+    # 1 MiB/s: a 1 MiB read would block a whole second; reads settle where one
+    # takes about a tenth of a second or less.
+    stream = _paced_upload(1 << 20, rate=1 << 20)
+    steady = stream.asked[3:-1]
+    assert steady and max(steady) <= 128 * 1024, stream.asked
+    assert min(stream.asked[:-1]) >= 16 * 1024  # the last read asks only for what is left

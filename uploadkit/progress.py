@@ -22,6 +22,8 @@ upload at most one short timeout per retry period.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import math
@@ -452,6 +454,49 @@ _failing_stores: Dict[int, bool] = {}
 _failing_lock = threading.Lock()
 
 
+class _Flusher:
+    """One daemon thread that writes progress a throttle held back.
+
+    ``advance`` skips writes that come too soon after the last one; if the
+    client then stalls, no later read would write those bytes, and a poller
+    would see an old count for as long as the stall lasts. Listeners that
+    skipped a write schedule a flush here for when their throttle allows it.
+    It is a scheduler shared by every listener in the process, not
+    configuration: nothing about an upload stays here once it is flushed.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: List[Tuple[float, int, "StoreProgress"]] = []
+        self._seq = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+
+    def schedule(self, when: float, listener: "StoreProgress") -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._seq), listener))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="uploadkit-progress-flush",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                when, _, listener = self._heap[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+            listener._flush()
+
+
+_FLUSHER = _Flusher()
+
+
 class StoreProgress(ProgressListener):
     """Writes one upload's progress to a :class:`ProgressStore`, throttled.
 
@@ -494,10 +539,17 @@ class StoreProgress(ProgressListener):
         self._last_received = 0
         self._t_end: Optional[float] = None  # when the last byte arrived
         self._error: Optional[UploadError] = None
+        # The upload thread and the flusher both write: one at a time.
+        self._lock = threading.Lock()
+        self._written = -1  # bytes received at the last write
+        self._flush_armed = False
+        # The flusher keeps real time; a listener given its own clock (tests)
+        # is never flushed behind its back.
+        self._flushable = clock is time.monotonic
 
     # -- pipeline hooks -------------------------------------------------------
 
-    def start(self, ctx: "RequestContext") -> None:
+    def _start(self, ctx: "RequestContext") -> None:
         try:
             self._t0 = self._last_t = self._clock()
             self.started_at = self._wall_clock()
@@ -509,15 +561,47 @@ class StoreProgress(ProgressListener):
         except Exception:
             log.exception("uploadkit: progress listener failed in start")
 
+    # The pipeline's hooks take the lock; ``advance`` never waits for it.
+
+    def start(self, ctx: "RequestContext") -> None:
+        with self._lock:
+            self._start(ctx)
+
+    def file_start(self, info: "FileInfo") -> None:
+        with self._lock:
+            self._file_start(info)
+
+    def file_end(self, info: "FileInfo") -> None:
+        with self._lock:
+            self._file_end(info)
+
+    def processing(self) -> None:
+        with self._lock:
+            self._processing()
+
+    def done(self, ctx: "RequestContext") -> None:
+        with self._lock:
+            self._done(ctx)
+
+    def error(self, exc: "UploadError") -> None:
+        with self._lock:
+            self._error_state(exc)
+
     def advance(self, received: int, total: Optional[int]) -> None:
+        self.received = received
+        # Never wait here: if the flusher is writing, this read's count rides
+        # on the next write.
+        if not self._lock.acquire(blocking=False):
+            return
         try:
-            self.received = received
             if self._final:
                 return
             now = self._clock()
-            if now < self._next_time:
-                return
-            if received < self._next_bytes and now < self._refresh_at and not self._dirty:
+            if now < self._next_time or (
+                    received < self._next_bytes and now < self._refresh_at and not self._dirty):
+                if self._flushable and not self._flush_armed:
+                    self._flush_armed = True
+                    _FLUSHER.schedule(max(self._next_time, now), self)
                 return
             if total != self.total:
                 self.total = total
@@ -525,8 +609,26 @@ class StoreProgress(ProgressListener):
             self._write(now)
         except Exception:
             log.exception("uploadkit: progress listener failed in advance")
+        finally:
+            self._lock.release()
 
-    def file_start(self, info: "FileInfo") -> None:
+    def _flush(self) -> None:
+        """Called by the flusher: write what ``advance`` held back, if still unwritten."""
+        with self._lock:
+            self._flush_armed = False
+            try:
+                if self._final or (self.received == self._written and not self._dirty):
+                    return
+                now = self._clock()
+                if now >= self._next_time:
+                    self._write(now)
+                else:  # a write happened meanwhile: look again when it allows
+                    self._flush_armed = True
+                    _FLUSHER.schedule(self._next_time, self)
+            except Exception:
+                log.exception("uploadkit: progress listener failed in a delayed write")
+
+    def _file_start(self, info: "FileInfo") -> None:
         try:
             state = _FileState(info)
             self._files.append(state)
@@ -535,7 +637,7 @@ class StoreProgress(ProgressListener):
         except Exception:
             log.exception("uploadkit: progress listener failed in file_start")
 
-    def file_end(self, info: "FileInfo") -> None:
+    def _file_end(self, info: "FileInfo") -> None:
         try:
             for state in reversed(self._files):
                 if state.info is info:
@@ -550,7 +652,7 @@ class StoreProgress(ProgressListener):
         except Exception:
             log.exception("uploadkit: progress listener failed in file_end")
 
-    def processing(self) -> None:
+    def _processing(self) -> None:
         try:
             if self._final:
                 return
@@ -562,7 +664,7 @@ class StoreProgress(ProgressListener):
         except Exception:
             log.exception("uploadkit: progress listener failed in processing")
 
-    def done(self, ctx: "RequestContext") -> None:
+    def _done(self, ctx: "RequestContext") -> None:
         try:
             if self._final:
                 return
@@ -576,7 +678,7 @@ class StoreProgress(ProgressListener):
         except Exception:
             log.exception("uploadkit: progress listener failed in done")
 
-    def error(self, exc: "UploadError") -> None:
+    def _error_state(self, exc: "UploadError") -> None:
         try:
             if self._final:
                 return
@@ -657,6 +759,7 @@ class StoreProgress(ProgressListener):
             self._next_time = now + settings.store_retry
             return
         self.writes += 1
+        self._written = self.received
         if _failing_stores:
             self._store_recovered()
 

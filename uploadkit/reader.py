@@ -8,6 +8,7 @@ away) from a complete one, and counts the bytes of bodies that have no length
 
 from __future__ import annotations
 
+import time
 from wsgiref.headers import Headers
 
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
@@ -19,12 +20,19 @@ from .multipart import Event, Field, FileData, FileEnd, FileStart, MultipartDeco
 from .pipeline import Pipeline, RequestContext
 from .progress import NULL_PROGRESS, ProgressListener
 
-DEFAULT_READ_SIZE = 1 << 20
+DEFAULT_READ_SIZE = 1 << 20  # large reads: fewer syscalls, bigger hash buffers
+#: Reads start at this size and grow while the client keeps up (see _chunks).
+FIRST_READ_SIZE = 64 * 1024
+MIN_READ_SIZE = 16 * 1024
+#: A blocking read(n) returns only once n bytes arrived: reads slower than this
+#: shrink, so a slow client's progress bar still moves several times a second;
+#: reads faster than the other bound grow, up to ``read_size``.
+SLOW_READ = 0.1
+FAST_READ = 0.02
 
 
 class Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
-  # large reads: fewer syscalls, bigger hash buffers
 
 
 def check_length(content_length: Optional[int], terminated: bool, limits: Limits) -> None:
@@ -86,16 +94,24 @@ def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, rea
             progress: ProgressListener) -> Iterator[bytes]:
     """The body's chunks, never past CONTENT_LENGTH, counted against the limit.
 
+    Read sizes adapt to the client: they double while reads return quickly
+    (up to ``read_size``: big blocks for fast clients and local proxies) and
+    halve when a read waits long for its bytes (down to 16 KiB), because
+    progress can only be reported between reads.
+
     :raises ClientDisconnected: the stream ended early or failed.
     :raises RequestTooLarge: a body without length grew past the limit.
     """
     read = stream.read
     limit = limits.max_request_size
     received = 0
+    size = min(FIRST_READ_SIZE, read_size)
+    clock = time.monotonic
     while True:
-        want = read_size if content_length is None else min(read_size, content_length - received)
+        want = size if content_length is None else min(size, content_length - received)
         if want <= 0:
             return
+        started = clock()
         try:
             chunk = read(want)
         except UploadError:
@@ -108,6 +124,11 @@ def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, rea
                 raise ClientDisconnected(
                     f"the body ended after {received} of {content_length} bytes")
             return
+        took = clock() - started
+        if took > SLOW_READ:
+            size = max(min(MIN_READ_SIZE, read_size), size // 2)
+        elif took < FAST_READ and size < read_size:
+            size = min(read_size, size * 2)
         if content_length is not None and len(chunk) > want:
             chunk = chunk[:want]  # a server that hands out more than asked
         received += len(chunk)

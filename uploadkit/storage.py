@@ -42,6 +42,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -70,6 +71,8 @@ from .filenames import sanitize_filename
 from .handlers import UploadHandler
 from .sniffing import extension_type
 
+log = logging.getLogger("uploadkit")
+
 if TYPE_CHECKING:
     from .pipeline import RequestContext
 
@@ -93,6 +96,8 @@ MAX_KEY_BYTES = 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Protocols whose "directories" are only key prefixes: no makedirs needed.
 _OBJECT_STORES = frozenset(["s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"])
+# Where a move is a server-side copy then a delete, not a rename.
+_COPYING_STORES = _OBJECT_STORES - {"memory"}
 # Striped locks serializing check-then-move commits on object stores, shared
 # by every Storage of the process (several may point at one bucket).
 _COMMIT_LOCKS = [threading.Lock() for _ in range(64)]
@@ -512,7 +517,10 @@ def _unlink(path: str) -> None:
 
 
 class _FsspecPendingWrite(PendingWrite):
-    """A temp key written through fsspec, moved with ``fs.mv`` on commit."""
+    """A temp key written through fsspec, copied to its key on commit."""
+
+    #: The final path while a copy to it is under way (see ``_move``).
+    _placing: Optional[str] = None
 
     def __init__(self, storage: "Storage", key: Optional[str], collision: Collision) -> None:
         super().__init__(storage, key, collision)
@@ -564,8 +572,25 @@ class _FsspecPendingWrite(PendingWrite):
         fs = self.storage.fs
         if self.storage._needs_dirs:
             fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-        fs.mv(self._tmp, path)
+        if not self.storage.object_store:
+            fs.mv(self._tmp, path)  # a rename
+            fs.invalidate_cache(path)
+            return
+        # On an object store a move is a copy then a delete. If the copy lands
+        # and the delete fails, the upload is stored all the same: the failed
+        # delete only leaves a temp key behind, which `uploadkit cleanup`
+        # removes. If the copy itself fails it may still have landed, and the
+        # key was checked free (unless overwriting), so discard removes it.
+        if self.collision != "overwrite":
+            self._placing = path
+        fs.copy(self._tmp, path)
+        self._placing = None
         fs.invalidate_cache(path)
+        try:
+            fs.rm_file(self._tmp)
+        except BACKEND_ERRORS as exc:
+            log.warning("uploadkit: stored %r but could not remove its temp key %r (%s);"
+                        " `uploadkit cleanup` removes it", path, self._tmp, _reason(exc))
 
     def _discard(self) -> None:
         f, self._file = self._file, None
@@ -585,6 +610,14 @@ class _FsspecPendingWrite(PendingWrite):
             self.storage.fs.rm_file(self._tmp)
         except Exception:
             pass
+        placing, self._placing = self._placing, None
+        if placing is not None:
+            try:
+                self.storage.fs.rm_file(placing)
+            except FileNotFoundError:
+                pass
+            except Exception:  # abort paths must not raise
+                log.warning("uploadkit: %r may hold a refused upload; remove it by hand", placing)
 
 
 # -- the storage -------------------------------------------------------------------
@@ -611,6 +644,10 @@ class Storage:
     :param block_size: write (and read) block size passed to fsspec: bounds the
         memory of one upload on buffered backends (S3 needs at least 5 MiB).
     :param temp_dir: where pending writes live, relative to the root (hidden from keys).
+    :param object_store: whether a move on this backend is a server-side copy
+        then a delete (S3, GCS, Azure...) rather than a rename; guessed from the
+        protocol. On such stores a commit whose delete of the temp key fails
+        still counts as stored, and the temp key is left to ``uploadkit cleanup``.
     """
 
     def __init__(self, url: str, *, base_url: Optional[str] = None,
@@ -618,7 +655,7 @@ class Storage:
                  dedup_hash: Literal["sha256", "md5"] = "sha256",
                  storage_options: Optional[Dict[str, Any]] = None,
                  fs: Optional[AbstractFileSystem] = None, block_size: Optional[int] = None,
-                 temp_dir: str = ".uploadkit-tmp") -> None:
+                 temp_dir: str = ".uploadkit-tmp", object_store: Optional[bool] = None) -> None:
         if collision not in _COLLISIONS:
             raise ValueError(f"collision must be one of {_COLLISIONS}, not {collision!r}")
         if dedup_hash not in ("sha256", "md5"):
@@ -639,6 +676,9 @@ class Storage:
         protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
         self._token = (type(fs).__name__, tuple(sorted(protocols)), root)
         self._needs_dirs = not (protocols & _OBJECT_STORES)
+        #: Moves are copy-then-delete (S3 and its kin), not renames: guessed
+        #: from the protocol; pass ``object_store=True`` for one we do not know.
+        self.object_store = bool(protocols & _COPYING_STORES) if object_store is None else object_store
         self.base_url = base_url
         self.collision: Collision = collision
         self.dedup_hash = dedup_hash

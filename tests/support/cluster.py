@@ -204,10 +204,12 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns += [client, upstream]
+            pair = [client, upstream]
+            ended = [0]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(a, b, pair, ended), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, pair: List[socket.socket], ended: List[int]) -> None:
         try:
             while True:
                 data = src.recv(256 * 1024)
@@ -221,6 +223,13 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        with self._lock:
+            ended[0] += 1
+            if ended[0] == 2:  # both directions over: release the descriptors
+                for s in pair:
+                    if s in self._conns:
+                        self._conns.remove(s)
+                    s.close()
 
     def cut(self) -> None:
         with self._lock:
@@ -435,13 +444,14 @@ def http_post(port: int, target: str, body: bytes, content_type: str, *, timeout
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         view = memoryview(body)
+        poller = select.poll()  # not select(): descriptors may be numbered past 1024
+        poller.register(s, select.POLLIN)
         try:
             s.sendall(head)
             pos = 0
             while pos < len(body):
-                readable, _, _ = select.select([s], [], [], 0)
-                if readable:
-                    break  # an early answer
+                if poller.poll(0):
+                    break  # an early answer (or the server closed)
                 pos += s.send(view[pos:pos + chunk])
         except (BrokenPipeError, ConnectionResetError):
             pass  # read what the server said, if anything
@@ -574,7 +584,7 @@ class Poller:
 
     def _run(self, n: int) -> None:
         while not self._stop.is_set():
-            ids = sorted(self.active)[n::self.threads]
+            ids = sorted(self.active.copy())[n::self.threads]
             for pid in ids:
                 if self._stop.is_set():
                     return
