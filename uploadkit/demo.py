@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import html
 import json
-import signal
-import sys
 import tempfile
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from .limits import Limits
 from .middleware import FILES_KEY, UploadMiddleware
-from .server import make_threaded_server
+from .server import make_threaded_server, serve_until_stopped
 
 Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -136,28 +134,14 @@ def serve(host: str = "127.0.0.1", port: int = 8000, storage_url: Optional[str] 
           tempdir: Optional[str] = None) -> int:
     app = build_demo(storage_url, memcached, max_file_size, tempdir)
     server = make_threaded_server(app, host, port, verbose=True)
-    real_port = server.server_address[1]
-    print(f"uploadkit demo: http://{host}:{real_port}/", flush=True)
-    print(f"  files are stored in {app.demo_storage_url}", flush=True)  # type: ignore[attr-defined]
-    print(f"  progress: {'memcached ' + memcached if memcached else 'in process memory'}", flush=True)
-    print("  press Ctrl+C to stop", flush=True)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM (a service manager, `kill`) stops it as cleanly as Ctrl+C.
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0
+    return serve_until_stopped(server, [
+        f"uploadkit demo: http://{host}:{server.server_address[1]}/",
+        f"  files are stored in {app.demo_storage_url}",  # type: ignore[attr-defined]
+        f"  progress: {'memcached ' + memcached if memcached else 'in process memory'}",
+        "  press Ctrl+C to stop",
+    ])
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def render_page(max_file_size: Optional[int] = None, max_files: Optional[int] = None) -> bytes:

@@ -14,9 +14,11 @@ timeout keeps its connection.
 
 from __future__ import annotations
 
+import signal
+import sys
 import threading
 from socketserver import ThreadingMixIn
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 
@@ -91,3 +93,26 @@ class BackgroundServer:
         self.server.server_close()
         if self.thread is not None:
             self.thread.join(timeout=5)
+
+
+def serve_until_stopped(server: ThreadingWSGIServer, banner: Sequence[str] = ()) -> int:
+    """Print ``banner`` (its first line should carry the URL), then serve until
+    Ctrl+C or SIGTERM (a service manager, ``kill``), and close. Returns 0."""
+    for line in banner:
+        print(line, flush=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

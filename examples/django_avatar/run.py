@@ -55,20 +55,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     call_command("migrate", interactive=False, verbosity=0)
 
     from uploadkit.contrib.django import get_wsgi_application
-    from uploadkit.server import make_threaded_server
+    from uploadkit.server import make_threaded_server, serve_until_stopped
 
     application = get_wsgi_application()
     server = make_threaded_server(application, args.host, args.port, verbose=True)
     port = server.server_address[1]
     print(f"django_avatar: http://{args.host}:{port}/", flush=True)
     print(f"  data (sqlite, media, temp files) in {settings.DATA_DIR}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-    return 0
+    return serve_until_stopped(server)
 
 
 if __name__ == "__main__":

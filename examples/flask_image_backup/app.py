@@ -132,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     token = args.token or secrets.token_urlsafe(18)
 
-    from uploadkit.server import make_threaded_server
+    from uploadkit.server import make_threaded_server, serve_until_stopped
 
     app = create_app(os.path.abspath(args.data), token)
     server = make_threaded_server(app, args.host, args.port, verbose=True)
@@ -140,13 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"  photos in {os.path.abspath(args.data)}", flush=True)
     if not args.token:
         print(f"  DELETE token (set BACKUP_TOKEN to choose one): {token}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-    return 0
+    return serve_until_stopped(server)
 
 
 if __name__ == "__main__":

@@ -159,19 +159,13 @@ def run(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     settings = read_settings(args.config, args.set)
 
-    from uploadkit.server import make_threaded_server
+    from uploadkit.server import make_threaded_server, serve_until_stopped
 
     app = main({}, **settings)
     server = make_threaded_server(app, args.host, args.port, verbose=True)
     print(f"pyramid_gallery: http://{args.host}:{server.server_address[1]}/", flush=True)
     print(f"  photos in {settings['uploadkit.storage']}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-    return 0
+    return serve_until_stopped(server)
 
 
 PAGE = """<!doctype html>
