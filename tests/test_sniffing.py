@@ -14,6 +14,9 @@ from uploadkit.files import FileInfo
 from uploadkit.handlers import SniffingHandler
 from uploadkit.limits import Limits
 from uploadkit.pipeline import RequestContext
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from uploadkit.sniffing import check_type, normalize_type, sniff
 
 
@@ -175,3 +178,23 @@ def test_limits_validate_allowed_types() -> None:
     assert Limits(allowed_types=frozenset({" Image/PNG "})).allows_type("image/png")
     assert Limits(allowed_types=frozenset({"image/*"})).allows_type("IMAGE/WEBP")
     assert not Limits(allowed_types=frozenset({"image/*"})).allows_type("application/pdf")
+
+
+# -- the fast path agrees with filetype ---------------------------------------------
+
+_MAGICS = [b"", b"PK\x03\x04", b"\x1a\x45\xdf\xa3", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a",
+           b"%PDF-", b"RIFF\x00\x00\x00\x00WEBP", b"\x00\x00\x00\x18ftypavif", b"\x1f\x8b", b"7z\xbc\xaf\x27\x1c"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(magic=st.sampled_from(_MAGICS), inner=st.sampled_from([b"", b"[Content_Types].xml", b"word/",
+                                                               b"mimetypeapplication/vnd.oasis.opendocument.text",
+                                                               b"\x42\x82\x84webm", b"\x42\x82\x88matroska"]),
+       tail=st.binary(max_size=9000))
+def test_sniff_gives_filetypes_answer(magic: bytes, inner: bytes, tail: bytes) -> None:
+    import filetype as ft
+
+    head = magic + inner + tail
+    kind = ft.guess(head[:8192]) if head else None
+    expected = None if kind is None else normalize_type(kind.mime)
+    assert sniff(head) == expected

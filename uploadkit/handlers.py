@@ -156,13 +156,14 @@ class _HashWorker(threading.Thread):
 class HashingHandler(UploadHandler):
     """Computes sha256 (and md5 on request) while the files stream.
 
-    The first ``offload_after`` bytes of a request are hashed inline (a thread
-    costs more than hashing a small upload); after that a worker thread hashes
-    while this thread parses and writes, and the digests are collected at the
-    end of the request, before any sink commits. With ``sync=True``, or when
-    a handler set ``ctx.digests_at_file_end`` (content-named storage does),
-    each file's digest is ready at its ``file_end``, at the price of waiting
-    for the hash there.
+    A file is hashed inline until it passes ``offload_after`` bytes: handing
+    small chunks to a thread costs more in GIL hand-offs than hashing them.
+    The rest of a larger file goes to one worker thread per request, which
+    hashes while this thread parses and writes; those digests are collected at
+    the end of the request, before any sink commits. With ``sync=True``, or
+    when a handler set ``ctx.digests_at_file_end`` (content-named storage
+    does), each file's digest is ready at its ``file_end``, at the price of
+    waiting for the hash there.
     """
 
     def __init__(self, sha256: bool = True, md5: bool = False, *, sync: bool = False,
@@ -180,16 +181,19 @@ class HashingHandler(UploadHandler):
         self._batch_bytes = 0
         self._unfinished: List[Tuple[FileInfo, List[Any]]] = []
         self._ctx: Optional["RequestContext"] = None
+        self._offloading = False  # this file's chunks go to the worker
 
     def request_start(self, ctx: "RequestContext") -> None:
         self._ctx = ctx
 
     def file_start(self, info: FileInfo) -> Any:
         self._hashers = [hashlib.new(a) for a in self.algorithms]
+        self._seen = 0
+        self._offloading = False
         return None
 
     def receive(self, info: FileInfo, chunk: bytes) -> Optional[bytes]:
-        if self._worker is not None:
+        if self._offloading:
             self._batch.append((self._hashers, chunk))
             self._batch_bytes += len(chunk)
             if self._batch_bytes >= self.batch_size:
@@ -199,7 +203,9 @@ class HashingHandler(UploadHandler):
             h.update(chunk)
         self._seen += len(chunk)
         if self._seen >= self.offload_after and self._hashers:
-            self._worker = _HashWorker(self.queue_depth)
+            self._offloading = True
+            if self._worker is None:
+                self._worker = _HashWorker(self.queue_depth)
         return chunk
 
     def _send(self) -> None:
@@ -209,13 +215,16 @@ class HashingHandler(UploadHandler):
             self._batch_bytes = 0
 
     def file_end(self, info: FileInfo) -> Optional[UploadedFile]:
-        self._unfinished.append((info, self._hashers))
-        if self._worker is None:
-            self._finish()  # hashed inline: the digest is ready now
+        if not self._offloading:
+            self._set_digests(info, self._hashers)  # hashed inline: ready now
         elif self.sync or (self._ctx is not None and self._ctx.digests_at_file_end):
+            assert self._worker is not None
             self._send()
             self._worker.barrier()
-            self._finish()
+            self._set_digests(info, self._hashers)
+        else:
+            self._unfinished.append((info, self._hashers))
+        self._offloading = False
         return None
 
     def request_end(self, ctx: "RequestContext") -> None:
@@ -227,12 +236,15 @@ class HashingHandler(UploadHandler):
 
     def _finish(self) -> None:
         for info, hashers in self._unfinished:
-            for name, h in zip(self.algorithms, hashers):
-                digest = h.hexdigest()
-                setattr(info, name, digest)
-                if info.file is not None:
-                    setattr(info.file, name, digest)
+            self._set_digests(info, hashers)
         self._unfinished.clear()
+
+    def _set_digests(self, info: FileInfo, hashers: List[Any]) -> None:
+        for name, h in zip(self.algorithms, hashers):
+            digest = h.hexdigest()
+            setattr(info, name, digest)
+            if info.file is not None:
+                setattr(info.file, name, digest)
 
     def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:
         self._batch = []
