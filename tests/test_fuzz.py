@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -33,7 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.wsgi import serve  # noqa: F401  (imports webob under the cgi warning filter)
+from tests.support.bodies import merge_data
+from tests.support.wsgi import raw_request, serve  # noqa: F401  (serve: imports webob under the cgi warning filter)
 from uploadkit.errors import UploadError
 from uploadkit.limits import Limits
 from uploadkit.middleware import UploadMiddleware
@@ -235,17 +235,6 @@ def check_refusal(exc: UploadError) -> None:
     assert set(exc.to_dict()["error"]) == ERROR_KEYS
 
 
-def merge_data(events: List[Any]) -> List[Any]:
-    """FileData coalesced, so event lists from different chunkings compare."""
-    out: List[Any] = []
-    for ev in events:
-        if isinstance(ev, FileData) and out and isinstance(out[-1], FileData):
-            out[-1] = FileData(out[-1].data + ev.data)
-        else:
-            out.append(ev)
-    return out
-
-
 boundary_chars = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=?"
 
 
@@ -429,25 +418,6 @@ def test_middleware_random_bytes(fuzz_tempdir: str, data: bytes, ctype: str, siz
 # -- through a real server ---------------------------------------------------------------------------
 
 
-def _raw_exchange(port: int, head: bytes, body: bytes, declared: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=EXAMPLE_SECONDS) as s:
-        try:
-            s.sendall(head + body)
-            s.shutdown(socket.SHUT_WR)  # a body shorter than declared ends here
-        except OSError:
-            pass
-        chunks = []
-        while True:
-            try:
-                data = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-    return b"".join(chunks)
-
-
 @settings(FUZZ, max_examples=max(10, EXAMPLES // 5))
 @given(seed=st.sampled_from(range(len(SEEDS))), ops=mutations, delta=st.sampled_from([0, 0, 0, -7, 13]))
 def test_real_server_mutated_bodies(tmp_path_factory: pytest.TempPathFactory, seed: int,
@@ -470,7 +440,7 @@ def test_real_server_mutated_bodies(tmp_path_factory: pytest.TempPathFactory, se
     head = (f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {declared}\r\n"
             f"Connection: close\r\n\r\n").encode()
     t0 = time.monotonic()
-    raw = _raw_exchange(port, head, mutated, declared)
+    raw = raw_request(port, head, mutated, timeout=EXAMPLE_SECONDS)
     assert time.monotonic() - t0 < EXAMPLE_SECONDS
     status = int(raw.split(b" ", 2)[1])
     check_answer(status, raw.partition(b"\r\n\r\n")[2], mutated == body and delta == 0, expected)
