@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -44,7 +43,7 @@ from PIL import Image  # noqa: E402
 
 from tests.support.django_project.models import Document, RemoteDocument  # noqa: E402
 from tests.support.s3 import s3_bucket, s3_server  # noqa: E402,F401
-from tests.support.wsgi import REPO_ROOT, free_port, serve  # noqa: E402
+from tests.support.wsgi import gunicorn, serve  # noqa: E402
 from uploadkit.contrib.django import (FsspecStorage, UploadKitMemoryFile,  # noqa: E402
                                       UploadKitTemporaryFile, get_wsgi_application, upload_limits)
 
@@ -268,72 +267,36 @@ def test_threaded_server_with_requests_modelform() -> None:
         assert refused.json()["error"]["code"] == "file_too_large"
 
 
-def _gunicorn(app: str, env: Dict[str, str], workers: int = 2) -> Tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-         "--worker-class", "sync", "--timeout", "30", "--graceful-timeout", "2",
-         "--log-level", "warning", app],
-        cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited: {proc.stdout.read().decode() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"{url}/nothing-here/", timeout=0.5).status_code == 404:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait(10)
-            raise RuntimeError("gunicorn did not answer within 20 s")
-        time.sleep(0.1)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    if proc.stdout:
-        proc.stdout.close()
-
-
 def test_gunicorn_two_workers_with_curl_and_httpx() -> None:
     photo, notes = png_bytes(seed=3), b"notes"
     photo_path = os.path.join(BASE_DIR, "upload-me.png")
     with open(photo_path, "wb") as f:
         f.write(photo)
-    proc, url = _gunicorn("tests.support.django_project.wsgi:application",
-                          {"UPLOADKIT_DJANGO_DIR": BASE_DIR,
-                           "DJANGO_SETTINGS_MODULE": "tests.support.django_project.settings"})
     try:
-        out = subprocess.run(
-            ["curl", "-sS", "--max-time", "20", "-F", "title=from curl",
-             "-F", f"photo=@{photo_path};type=image/png", "-F", "attachment=@-;filename=notes.txt",
-             f"{url}/upload/", "-w", "\n%{http_code}"],
-            input=notes, capture_output=True, check=True, timeout=30)
-        body, _, code = out.stdout.decode().rpartition("\n")
-        assert code == "201", body
-        result = __import__("json").loads(body)
-        check_saved(result, photo, notes)
-        with httpx.Client(timeout=10) as client:
-            for _ in range(4):  # several requests, so both workers answer
-                refused = client.post(f"{url}/small/", files={"f": ("x.bin", b"x" * 4096)})
-                assert refused.status_code == 413
-                assert refused.json()["error"] == {
-                    "code": "file_too_large", "field": "f", "limit": 1024,
-                    "message": "file 'x.bin' is larger than the limit of 1.0 KiB"}
-            ok = client.post(f"{url}/echo/", data={"a": "1"}, files={"f": ("p.png", photo, "image/png")})
-            assert ok.status_code == 200
-            assert ok.json()["files"]["f"][0]["sha256"] == sha(photo)
-        wait_empty(TMP)
+        with gunicorn("tests.support.django_project.wsgi:application", workers=2,
+                      env={"UPLOADKIT_DJANGO_DIR": BASE_DIR,
+                           "DJANGO_SETTINGS_MODULE": "tests.support.django_project.settings"}) as url:
+            out = subprocess.run(
+                ["curl", "-sS", "--max-time", "20", "-F", "title=from curl",
+                 "-F", f"photo=@{photo_path};type=image/png", "-F", "attachment=@-;filename=notes.txt",
+                 f"{url}/upload/", "-w", "\n%{http_code}"],
+                input=notes, capture_output=True, check=True, timeout=30)
+            body, _, code = out.stdout.decode().rpartition("\n")
+            assert code == "201", body
+            result = __import__("json").loads(body)
+            check_saved(result, photo, notes)
+            with httpx.Client(timeout=10) as client:
+                for _ in range(4):  # several requests, so both workers answer
+                    refused = client.post(f"{url}/small/", files={"f": ("x.bin", b"x" * 4096)})
+                    assert refused.status_code == 413
+                    assert refused.json()["error"] == {
+                        "code": "file_too_large", "field": "f", "limit": 1024,
+                        "message": "file 'x.bin' is larger than the limit of 1.0 KiB"}
+                ok = client.post(f"{url}/echo/", data={"a": "1"}, files={"f": ("p.png", photo, "image/png")})
+                assert ok.status_code == 200
+                assert ok.json()["files"]["f"][0]["sha256"] == sha(photo)
+            wait_empty(TMP)
     finally:
-        _stop(proc)
         os.unlink(photo_path)
 
 
