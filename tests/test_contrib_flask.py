@@ -4,6 +4,7 @@ WSGI server on 127.0.0.1 with requests and httpx."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import warnings
@@ -23,7 +24,8 @@ from flask.testing import FlaskClient  # noqa: E402
 from werkzeug.datastructures import FileStorage  # noqa: E402
 from werkzeug.utils import secure_filename  # noqa: E402
 
-from tests.support.wsgi import serve  # noqa: E402
+from tests.support.memcached import memcached_server  # noqa: E402,F401
+from tests.support.wsgi import gunicorn, serve  # noqa: E402
 from uploadkit.contrib.flask import UploadKit, UploadKitFileStorage, upload_limits  # noqa: E402
 from uploadkit.errors import FileTooLarge, UploadError  # noqa: E402
 
@@ -256,3 +258,63 @@ def test_real_server_with_requests_and_httpx(dirs: Dict[str, str]) -> None:
             assert refused.status_code == 413
             assert refused.json()["error"]["code"] == "file_too_large"
         wait_empty(dirs["tmp"])
+
+
+def test_progress_crosses_workers_under_gunicorn(tmp_path: Any, memcached_server: Any) -> None:
+    """Two sync workers: while one is busy receiving a slow upload, every poll is
+    answered by the other, so the progress it reports came through memcached."""
+    import threading
+
+    size, piece = 8 * 2**20, 256 * 1024
+    data = bytes(range(256)) * (size // 256)
+    boundary = "cross-workers-1"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"f\"; filename=\"big.bin\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    class SlowBody:
+        """A sized body that trickles out (about 2 s): many polls fit in."""
+
+        def __init__(self) -> None:
+            self.parts = [head] + [data[i:i + piece] for i in range(0, size, piece)] + [tail]
+            self.length = sum(map(len, self.parts))
+
+        def __len__(self) -> int:
+            return self.length
+
+        def read(self, n: int = -1) -> bytes:
+            if not self.parts:
+                return b""
+            time.sleep(0.06)
+            return self.parts.pop(0)
+
+    env = {"UPLOADKIT_TEST_MEMCACHED": memcached_server.address, "UPLOADKIT_TEST_TMP": str(tmp_path)}
+    with gunicorn("tests.support.flask_progress_app:app", env=env, workers=2) as url:
+        result: dict = {}
+
+        def upload() -> None:
+            r = requests.post(f"{url}/upload?X-Progress-ID=cross1", data=SlowBody(), timeout=60,
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            result["status"], result["text"] = r.status_code, r.text
+
+        sender = threading.Thread(target=upload)
+        sender.start()
+        seen = []
+        deadline = time.monotonic() + 30
+        while sender.is_alive() and time.monotonic() < deadline:
+            poll = requests.get(f"{url}/upload/progress", params={"X-Progress-ID": "cross1"}, timeout=5)
+            assert poll.status_code == 200 and poll.headers["Cache-Control"] == "no-store", poll.text[:500]
+            seen.append(poll.json())
+            time.sleep(0.1)
+        sender.join(timeout=30)
+        final = requests.get(f"{url}/upload/progress", params={"X-Progress-ID": "cross1"}, timeout=5).json()
+
+    assert result["status"] == 200, result
+    answer = json.loads(result["text"])
+    assert answer["sha256"] == hashlib.sha256(data).hexdigest() and answer["size"] == size
+    middle = [s for s in seen if s["state"] == "uploading" and 0 < s["received"] < s["size"]]
+    assert len(middle) >= 3, seen
+    counts = [s["received"] for s in middle]
+    assert counts == sorted(counts)
+    assert final["state"] == "done" and final["received"] == final["size"]
+    assert os.listdir(tmp_path) == []
