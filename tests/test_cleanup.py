@@ -130,6 +130,8 @@ def test_s3_temp_keys_and_stale_multipart_uploads(s3_server: S3Server, s3_bucket
     mpu = client.create_multipart_upload(Bucket=s3_bucket, Key=mpu_key)["UploadId"]
     client.upload_part(Bucket=s3_bucket, Key=mpu_key, UploadId=mpu, PartNumber=1, Body=b"p" * (5 * MiB))
     outside = client.create_multipart_upload(Bucket=s3_bucket, Key="elsewhere/big.bin")["UploadId"]
+    # Inside the root but not in the temp area: another tool's resumable upload.
+    theirs = client.create_multipart_upload(Bucket=s3_bucket, Key="media/theirs.bin")["UploadId"]
 
     # Just written: younger than an hour, so kept (moto dates every upload's
     # start in 2010; the age comes from its newest part).
@@ -143,8 +145,8 @@ def test_s3_temp_keys_and_stale_multipart_uploads(s3_server: S3Server, s3_bucket
     report = cleanup(storage=storage, older_than=HOUR, now=later)
     assert report.ok and len(report.removed) == 2
     assert s3_server.keys(s3_bucket) == ["media/" + kept]
-    assert [(u["Key"], u["UploadId"]) for u in s3_server.pending_uploads(s3_bucket)] == [
-        ("elsewhere/big.bin", outside)]
+    assert sorted((u["Key"], u["UploadId"]) for u in s3_server.pending_uploads(s3_bucket)) == [
+        ("elsewhere/big.bin", outside), ("media/theirs.bin", theirs)]
     assert cleanup(storage=storage, older_than=0).found == []
 
 

@@ -849,3 +849,29 @@ def test_a_flush_never_lands_after_the_final_state() -> None:
     time.sleep(0.3)
     assert store.get("fin")["state"] == "done"
     assert store.get("fin")["received"] == 10 * 2**20
+
+
+def test_the_flusher_keeps_to_the_throttle() -> None:
+    # A slow upload: 1 MB every 50 ms of 1,000 MB. The rule allows a write per
+    # 1% (10 MB) or per refresh (0.5 s): the flusher must not add one per interval.
+    store = RecordingStore()
+    p = StoreProgress(store, "slow", ProgressSettings(interval=0.05, min_percent=1.0, refresh=0.5))
+    p.start(RequestContext(limits=Limits(), content_length=1000 * 10**6))
+    for step in range(1, 31):
+        time.sleep(0.05)
+        p.advance(step * 10**6, 1000 * 10**6)
+    time.sleep(0.6)  # the stall: the last count is written once the refresh allows
+    assert store.get("slow")["received"] == 30 * 10**6
+    # start, 2 by percent (10 and 20 MB), about 3 refreshes over 1.5 s, the stall's flush
+    assert len(store.writes) <= 9, [w[1]["received"] for w in store.writes]
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("127.0.0.1:11211", ("127.0.0.1", 11211)), ("localhost", ("localhost", 11211)),
+    ("::1", ("::1", 11211)), ("[::1]:5000", ("::1", 5000)), ("[::1]", ("::1", 11211)),
+    (("10.0.0.1", 1), ("10.0.0.1", 1)),
+])
+def test_memcached_server_specs(spec: Any, expected: Tuple[str, int]) -> None:
+    from uploadkit.progress import _parse_server
+
+    assert _parse_server(spec) == expected

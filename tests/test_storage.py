@@ -593,3 +593,52 @@ def test_s3_unreachable_is_503() -> None:
         upload(storage, [("f", "a.bin", b"small file")])
     with pytest.raises(StorageUnavailable, match="failed to look up"):
         storage.exists("a.bin")
+
+
+def test_failed_commit_without_hard_links_leaves_no_empty_file(tmp_path: Any, monkeypatch: Any) -> None:
+    import errno as _errno
+
+    storage = Storage(str(tmp_path / "root"))
+
+    def no_link(src: str, dst: str) -> None:
+        raise OSError(_errno.EPERM, "hard links not supported here")
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(_errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(StorageUnavailable):
+        storage.save(io.BytesIO(b"data"), "x.bin")
+    monkeypatch.undo()
+    assert not storage.exists("x.bin")
+    assert storage.temp_keys() == []
+
+
+def test_an_aborted_request_keeps_a_dedup_file_others_may_share(tmp_path: Any) -> None:
+    # Request A commits new content-addressed bytes; before A finishes, request
+    # B with the same bytes is deduplicated onto A's file; then A fails and
+    # aborts. B's file must still be there.
+    storage = Storage(str(tmp_path / "root"), collision="dedup")
+    data = data_of(100_000, seed=7)
+    seen: Dict[str, Any] = {}
+
+    class OtherRequestThenFail(UploadHandler):
+        def request_committed(self, ctx: Any) -> None:
+            (seen["b"],) = upload(storage, [("b", "two.bin", data)]).ctx.files
+            raise StorageUnavailable("a later step of request A failed")
+
+    p = Pipeline([*chain(storage), OtherRequestThenFail()], RequestContext(limits=Limits(), environ={}))
+    with pytest.raises(StorageUnavailable):
+        try:
+            p.start()
+            p.start_file("a", "one.bin", "")
+            p.feed(data)
+            p.end_file()
+            p.finish()
+        except BaseException as exc:
+            p.abort(exc)
+            raise
+    b = seen["b"]
+    assert b.deduplicated and b.key == p.ctx.files[0].key
+    assert storage.exists(b.key) and read_key(storage, b.key) == data

@@ -208,14 +208,22 @@ def test_read_refused_by_authorize_looks_missing(tmp_path: Any) -> None:
 def test_storage_failure_while_serving_is_503(tmp_path: Any) -> None:
     from uploadkit.storage import StoredInfo
 
+    from uploadkit.errors import StorageUnavailable
+
     class Broken(Storage):
+        """A backend that fails whichever way it is asked (GET opens, HEAD looks up)."""
+
         def info(self, key: str) -> StoredInfo:
-            from uploadkit.errors import StorageUnavailable
             raise StorageUnavailable("storage failed to look up 'x'")
+
+        def open(self, key: str, mode: str = "rb") -> Any:
+            raise StorageUnavailable("storage failed to open 'x'")
 
     with serve(Broken(str(tmp_path)).app()) as base:
         r = requests.get(f"{base}/x", timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable"
+        h = requests.head(f"{base}/x", timeout=10)
+        assert h.status_code == 503 and h.content == b"" 
 
 
 def test_parse_range_table() -> None:
@@ -316,3 +324,79 @@ def test_middleware_error_collision_is_409(tmp_path: Any) -> None:
         assert r.status_code == 409 and r.json()["error"]["code"] == "file_exists"
     with storage.open("taken.txt") as f:
         assert f.read() == b"first"
+
+
+# -- hostile headers and edge cases, straight through the WSGI app --------------------------
+
+
+def _call(app: StorageApp, method: str, path: str, **headers: str) -> Tuple[str, Dict[str, str], bytes]:
+    seen: Dict[str, Any] = {}
+
+    def start_response(status: str, hdrs: List[Tuple[str, str]], exc_info: Any = None) -> None:
+        seen["status"], seen["headers"] = status, dict(hdrs)
+
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(b""),
+               **{"HTTP_" + k.upper(): v for k, v in headers.items()}}
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return seen["status"], seen["headers"], body
+
+
+@pytest.mark.parametrize("header", ["bytes=\xb2-", "bytes=0-\xb9", "bytes=" + "1" * 5000 + "-", "bytes=-\xb3"])
+def test_odd_range_digits_are_ignored_not_a_500(tmp_path: Any, header: str) -> None:
+    storage = Storage(str(tmp_path))
+    key = storage.save(io.BytesIO(b"0123456789"), "a.txt")
+    status, headers, body = _call(storage.app(), "GET", "/" + key, range=header)
+    assert status.startswith("200") and body == b"0123456789"
+
+
+def test_if_range_with_a_zoneless_or_later_date_sends_the_whole_file(tmp_path: Any) -> None:
+    storage = Storage(str(tmp_path))
+    key = storage.save(io.BytesIO(b"0123456789"), "a.txt")
+    app = storage.app()
+    _, headers, _ = _call(app, "HEAD", "/" + key)
+    for when in ("Mon, 01 Jan 2024 00:00:00 -0000", "Fri, 01 Jan 2099 00:00:00 GMT"):
+        status, _, body = _call(app, "GET", "/" + key, range="bytes=0-1", if_range=when)
+        assert status.startswith("200") and body == b"0123456789", when
+    status, _, body = _call(app, "GET", "/" + key, range="bytes=0-1", if_range=headers["Last-Modified"])
+    assert status.startswith("206") and body == b"01"
+
+
+def test_head_answers_never_carry_a_body(tmp_path: Any) -> None:
+    storage = Storage(str(tmp_path))
+    key = storage.save(io.BytesIO(b"0123456789"), "a.txt")
+    app = storage.app()
+    for path, headers, code in (("/nope.txt", {}, "404"), ("/" + key, {"range": "bytes=50-"}, "416"),
+                                ("/" + key, {}, "200")):
+        status, hdrs, body = _call(app, "HEAD", path, **headers)
+        assert status.startswith(code) and body == b"" and int(hdrs["Content-Length"]) > 0
+
+
+@pytest.mark.parametrize("path", ["/C:../secret.txt", "/C:/Windows/win.ini", "/a/b:stream"])
+def test_keys_with_a_colon_are_not_found(tmp_path: Any, path: str) -> None:
+    status, _, body = _call(Storage(str(tmp_path)).app(), "GET", path)
+    assert status.startswith("404") and json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_delete_under_a_file_name_is_404_not_503(tmp_path: Any) -> None:
+    storage = Storage(str(tmp_path))
+    key = storage.save(io.BytesIO(b"x"), "a.txt")
+    app = storage.app(authorize=lambda environ, action, key: True)
+    status, _, body = _call(app, "DELETE", f"/{key}/x")
+    assert status.startswith("404"), body
+    assert storage.exists(key)
+
+
+@pytest.mark.parametrize("name", ["page.mht", "mail.eml"])
+def test_mhtml_is_served_as_an_attachment(tmp_path: Any, name: str) -> None:
+    storage = Storage(str(tmp_path))
+    key = storage.save(io.BytesIO(b"MIME-Version: 1.0\r\n\r\n<script>alert(1)</script>"), name)
+    status, headers, _ = _call(storage.app(), "GET", "/" + key)
+    assert status.startswith("200")
+    assert headers["Content-Disposition"].startswith("attachment")
+    assert headers["Content-Security-Policy"] == "sandbox"

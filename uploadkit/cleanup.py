@@ -226,7 +226,9 @@ def _is_s3(fs: Any) -> bool:
 
 
 def _find_multipart_uploads(storage: Any, older_than: float, now: float) -> List[Leftover]:
-    """S3 multipart uploads under the root whose last activity is older than ``older_than``.
+    """S3 multipart uploads in the storage's temp area whose last activity is
+    older than ``older_than``: uploadkit writes only there, and other tools'
+    uploads elsewhere in the bucket (resumable ones) are not ours to abort.
 
     Activity is the newest of the upload's start and its parts' times: an
     upload started long ago that still receives parts is in flight, not stale.
@@ -235,7 +237,7 @@ def _find_multipart_uploads(storage: Any, older_than: float, now: float) -> List
     if not _is_s3(fs):
         return []
     bucket, _, prefix = storage.root.strip("/").partition("/")
-    prefix = prefix + "/" if prefix else ""
+    prefix = (prefix + "/" if prefix else "") + storage.temp_dir + "/"
     found = []
     kwargs: Dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
     while True:

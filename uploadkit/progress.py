@@ -294,12 +294,19 @@ ServerSpec = Union[str, Tuple[str, int]]
 
 
 def _parse_server(spec: ServerSpec) -> Tuple[str, int]:
+    """``"host:port"``, ``"[::1]:11211"``, a bare host or IPv6 address (port 11211), or a tuple."""
     if isinstance(spec, tuple):
         return str(spec[0]), int(spec[1])
+    spec = spec.strip()
+    if spec.startswith("["):  # [v6]:port or [v6]
+        host, _, rest = spec[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else 11211
+    if spec.count(":") > 1:  # a bare IPv6 address: its colons are not a port
+        return spec, 11211
     host, sep, port = spec.rpartition(":")
     if not sep:
         return spec, 11211
-    return host.strip("[]"), int(port)
+    return host, int(port)
 
 
 class _Node:
@@ -597,11 +604,10 @@ class StoreProgress(ProgressListener):
             if self._final:
                 return
             now = self._clock()
-            if now < self._next_time or (
-                    received < self._next_bytes and now < self._refresh_at and not self._dirty):
+            if not self._may_write(now):
                 if self._flushable and not self._flush_armed:
                     self._flush_armed = True
-                    _FLUSHER.schedule(max(self._next_time, now), self)
+                    _FLUSHER.schedule(self._next_chance(now), self)
                 return
             if total != self.total:
                 self.total = total
@@ -612,19 +618,29 @@ class StoreProgress(ProgressListener):
         finally:
             self._lock.release()
 
+    def _may_write(self, now: float) -> bool:
+        """The throttle: not within ``interval`` of the last write, and only once
+        the upload moved ``min_percent``, or ``refresh`` passed, or files changed."""
+        return now >= self._next_time and (
+            self.received >= self._next_bytes or now >= self._refresh_at or self._dirty)
+
+    def _next_chance(self, now: float) -> float:
+        return self._next_time if now < self._next_time else self._refresh_at
+
     def _flush(self) -> None:
-        """Called by the flusher: write what ``advance`` held back, if still unwritten."""
+        """Called by the flusher: write what ``advance`` held back, if still
+        unwritten and the throttle allows it now; else look again when it will."""
         with self._lock:
             self._flush_armed = False
             try:
                 if self._final or (self.received == self._written and not self._dirty):
                     return
                 now = self._clock()
-                if now >= self._next_time:
+                if self._may_write(now):
                     self._write(now)
-                else:  # a write happened meanwhile: look again when it allows
+                else:
                     self._flush_armed = True
-                    _FLUSHER.schedule(self._next_time, self)
+                    _FLUSHER.schedule(self._next_chance(now), self)
             except Exception:
                 log.exception("uploadkit: progress listener failed in a delayed write")
 

@@ -148,10 +148,13 @@ def _guard(op: str, key: str, passthrough: Tuple[Type[BaseException], ...] = ())
 # -- keys ---------------------------------------------------------------------
 
 
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 def check_key(key: str) -> str:
     """The key, NFC-normalized, if it is a safe relative path inside the root.
 
-    Refused: empty keys, absolute keys, backslashes, control characters, empty
+    Refused: empty keys, absolute keys, backslashes, colons, control characters, empty
     segments (``a//b``, trailing ``/``), ``.`` and ``..``, and segments starting
     with a dot (hidden files, and the ``.uploadkit-tmp`` area).
 
@@ -167,6 +170,8 @@ def check_key(key: str) -> str:
         problem = "it is absolute"
     elif "\\" in key:
         problem = "it contains a backslash"
+    elif ":" in key:
+        problem = "it contains a colon (a drive or stream name on Windows)"
     elif _CONTROL.search(key):
         problem = "it contains a control character"
     elif len(key.encode("utf-8")) > MAX_KEY_BYTES:
@@ -272,6 +277,14 @@ class StoredInfo:
     etag: str
     #: From the key's extension (built-in tables), ``application/octet-stream`` if unknown.
     content_type: str
+
+
+def _local_info(key: str, st: os.stat_result) -> "StoredInfo":
+    if not stat.S_ISREG(st.st_mode):
+        raise FileNotFoundError(errno.ENOENT, "not a file", key)
+    etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    return StoredInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc),
+                      etag, _content_type(key))
 
 
 def _content_type(key: str) -> str:
@@ -501,7 +514,11 @@ def _exclusive_place(tmp: str, path: str) -> bool:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             return False
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(path)  # the empty reservation must not stay as a stored file
+            raise
         return True
     _unlink(tmp)
     return True
@@ -858,11 +875,7 @@ class Storage:
                     st = os.stat(self._local_path(key))
                 except NotADirectoryError:
                     raise FileNotFoundError(errno.ENOENT, "no such key", key) from None
-                if not stat.S_ISREG(st.st_mode):
-                    raise FileNotFoundError(errno.ENOENT, "not a file", key)
-                etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
-                return StoredInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc),
-                                  etag, _content_type(key))
+                return _local_info(key, st)
             path = self._path(key)
             self.fs.invalidate_cache(path)
             details = self.fs.info(path)
@@ -912,7 +925,7 @@ class Storage:
                 try:
                     names = [e.name for e in os.scandir(self._local_path(head) if head else self.root)
                              if e.is_file()]
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):  # "a.txt/x": under a file
                     return []
             else:
                 parent = self._path(head) if head else self.root
@@ -929,7 +942,10 @@ class Storage:
             path = self._local_path(key)
             if os.path.isdir(path):
                 raise FileNotFoundError(errno.ENOENT, "not a file", key)
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except NotADirectoryError:  # "a.txt/x": nothing can be under a file
+                raise FileNotFoundError(errno.ENOENT, "no such file", key) from None
             return
         path = self._path(key)
         if not self._fs_exists(path, files_only=True):
@@ -1042,8 +1058,11 @@ class StorageHandler(UploadHandler):
         for pending, _, _ in self._files:
             if not pending.done:
                 pending.discard()
+            # A committed content-addressed file may already be shared: another
+            # request with the same bytes can have been deduplicated onto it
+            # since. It is left in place (it is a correct copy of its bytes).
             elif (pending.committed and not pending.deduplicated
-                  and pending.collision != "overwrite" and pending.final_key):
+                  and pending.collision not in ("overwrite", "dedup") and pending.final_key):
                 try:
                     self.storage._remove(pending.final_key)
                 except Exception:
@@ -1064,7 +1083,8 @@ def _key_opener(storage: Storage, uploaded: Optional[UploadedFile]) -> Callable[
 Authorize = Callable[[Dict[str, Any], str, str], bool]
 
 #: Subtypes a browser would run or render as a page: served as attachments.
-_ACTIVE_MARKERS = ("html", "xml", "javascript", "ecmascript", "x-shockwave-flash")
+# Types a browser renders as a page with scripts (MHTML: message/rfc822, multipart/related).
+_ACTIVE_MARKERS = ("html", "xml", "javascript", "ecmascript", "x-shockwave-flash", "rfc822", "related")
 
 
 def _is_active(content_type: str) -> bool:
@@ -1104,7 +1124,9 @@ def parse_range(header: str, size: int) -> Optional[Tuple[int, int]]:
     if not dash:
         return None
     first_s, last_s = first_s.strip(), last_s.strip()
-    if first_s and not first_s.isdigit() or last_s and not last_s.isdigit():
+    # ASCII digits, a sane count of them: str.isdigit() also takes "²", and
+    # int() refuses those and numbers of over 4300 digits.
+    if first_s and not _DIGITS.fullmatch(first_s) or last_s and not _DIGITS.fullmatch(last_s):
         return None
     if not first_s:
         if not last_s:
@@ -1168,6 +1190,13 @@ class StorageApp:
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
+        body = self._answer(environ, start_response, method)
+        if method == "HEAD" and isinstance(body, list):
+            return []  # a HEAD answer has headers only, error answers included
+        return body
+
+    def _answer(self, environ: Dict[str, Any], start_response: Callable[..., Any],
+                method: str) -> Iterable[bytes]:
         try:
             raw = environ.get("PATH_INFO", "")
             key = check_key(raw.encode("latin-1").decode("utf-8").lstrip("/"))
@@ -1202,10 +1231,36 @@ class StorageApp:
 
     def _get(self, environ: Dict[str, Any], start_response: Callable[..., Any], key: str,
              head: bool) -> Iterable[bytes]:
+        f: Optional[IO[bytes]] = None
         try:
-            meta = self.storage.info(key)
+            if self.storage.local and not head:
+                # Open first and describe what was opened: a commit replacing the
+                # file in between cannot pair old headers with new bytes.
+                f = self.storage.open(key)
+                meta = _local_info(key, os.fstat(f.fileno()))
+            else:
+                meta = self.storage.info(key)
         except FileNotFoundError:
+            if f is not None:
+                f.close()
             return _error(start_response, 404, "not_found", "no such file")
+        return self._send(environ, start_response, key, head, meta, f)
+
+    def _send(self, environ: Dict[str, Any], start_response: Callable[..., Any], key: str, head: bool,
+              meta: StoredInfo, f: Optional[IO[bytes]]) -> Iterable[bytes]:
+        """Answer from ``meta``; ``f`` (already open, or None) is closed unless handed to the body."""
+        try:
+            body = self._respond(environ, start_response, key, head, meta, f)
+        except BaseException:
+            if f is not None:
+                f.close()
+            raise
+        if f is not None and not isinstance(body, _FileBody):
+            f.close()
+        return body
+
+    def _respond(self, environ: Dict[str, Any], start_response: Callable[..., Any], key: str, head: bool,
+                 meta: StoredInfo, f: Optional[IO[bytes]]) -> Iterable[bytes]:
         headers = [("ETag", meta.etag), ("Accept-Ranges", "bytes"), ("X-Content-Type-Options", "nosniff")]
         if meta.mtime is not None:
             headers.append(("Last-Modified", format_datetime(meta.mtime.astimezone(timezone.utc), usegmt=True)))
@@ -1238,17 +1293,23 @@ class StorageApp:
         if head or length == 0:
             start_response(status, headers)
             return []
-        try:
-            f = self.storage.open(key)
-        except FileNotFoundError:
-            return _error(start_response, 404, "not_found", "no such file")
-        try:
-            with _guard("read", key):
-                if first:
-                    f.seek(first)
-        except BaseException:
-            f.close()
-            raise
+        if f is None:
+            try:
+                f = self.storage.open(key)
+            except FileNotFoundError:
+                return _error(start_response, 404, "not_found", "no such file")
+            try:
+                return self._stream(start_response, key, status, headers, f, first, length)
+            except BaseException:
+                f.close()
+                raise
+        return self._stream(start_response, key, status, headers, f, first, length)
+
+    def _stream(self, start_response: Callable[..., Any], key: str, status: str,
+                headers: List[Tuple[str, str]], f: IO[bytes], first: int, length: int) -> "_FileBody":
+        with _guard("read", key):
+            if first:
+                f.seek(first)
         start_response(status, headers)
         return _FileBody(f, length, self.block_size)
 
@@ -1281,7 +1342,10 @@ class StorageApp:
             since = parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return False
-        return meta.mtime is not None and meta.mtime.replace(microsecond=0) <= since
+        if since.tzinfo is None:  # "-0000": UTC, said without committing to it
+            since = since.replace(tzinfo=timezone.utc)
+        # RFC 9110 13.1.5: the date must match Last-Modified exactly.
+        return meta.mtime is not None and meta.mtime.replace(microsecond=0) == since
 
 
 def _error(start_response: Callable[..., Any], status: int, code: str, message: str,
