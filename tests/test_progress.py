@@ -869,7 +869,7 @@ def test_the_flusher_keeps_to_the_throttle() -> None:
 @pytest.mark.parametrize("spec, expected", [
     ("127.0.0.1:11211", ("127.0.0.1", 11211)), ("localhost", ("localhost", 11211)),
     ("::1", ("::1", 11211)), ("[::1]:5000", ("::1", 5000)), ("[::1]", ("::1", 11211)),
-    (("10.0.0.1", 1), ("10.0.0.1", 1)),
+    (("127.0.0.1", 1), ("127.0.0.1", 1)),
 ])
 def test_memcached_server_specs(spec: Any, expected: Tuple[str, int]) -> None:
     from uploadkit.progress import _parse_server

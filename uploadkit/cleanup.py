@@ -14,7 +14,7 @@ a crashed host) runs no hook, and leaves:
 :func:`cleanup` finds those older than a given age and removes them (or only
 lists them, ``dry_run``). It touches nothing else: in a tempdir only files named
 the way uploadkit names them, in storage only the temp area and multipart
-uploads under the storage's root. Run it from cron or a timer with an age well
+uploads in the storage's temp area. Run it from cron or a timer with an age well
 above your longest upload (``uploadkit cleanup --older-than 6h ...``), since a
 younger leftover may be an upload still in flight.
 """
@@ -26,10 +26,10 @@ import re
 import stat
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import format_size
+from .storage import _as_datetime
 
 __all__ = ["Leftover", "CleanupReport", "parse_duration", "format_duration", "find_temp_files",
            "find_storage_leftovers", "cleanup"]
@@ -157,16 +157,8 @@ def find_temp_files(tempdir: str, older_than: float, now: Optional[float] = None
 
 
 def _timestamp(value: Any) -> Optional[float]:
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None
+    when = _as_datetime(value)
+    return when.timestamp() if when is not None else None
 
 
 def _mtime_of(details: Dict[str, Any]) -> Optional[float]:

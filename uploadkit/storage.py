@@ -293,6 +293,8 @@ def _content_type(key: str) -> str:
 
 
 def _as_datetime(value: Any) -> Optional[datetime]:
+    """A backend's timestamp (datetime, epoch seconds, HTTP or ISO date) as an
+    aware UTC datetime; a zone-less one is taken as UTC, as object stores mean it."""
     if isinstance(value, datetime):
         return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
     if isinstance(value, (int, float)):
@@ -302,7 +304,7 @@ def _as_datetime(value: Any) -> Optional[datetime]:
             return _as_datetime(parsedate_to_datetime(value))
         except (TypeError, ValueError):
             try:
-                return datetime.fromisoformat(value)
+                return _as_datetime(datetime.fromisoformat(value.replace("Z", "+00:00")))
             except ValueError:
                 return None
     return None
