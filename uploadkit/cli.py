@@ -27,7 +27,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "cleanup", help="remove temp files, temp keys and S3 multipart uploads left by interrupted uploads",
         description="Remove what uploads interrupted without cleanup (a killed worker) left behind: "
                     "uploadkit-*.part files in the tempdirs, pending writes in the storage's temp area, "
-                    "and S3 multipart uploads under the storage's root that were never completed. "
+                    "and S3 multipart uploads in the storage's temp area that were never completed. "
                     "Only leftovers older than --older-than are touched: make it longer than your "
                     "longest upload.")
     clean.add_argument("--tempdir", action="append", default=[], metavar="DIR",
