@@ -494,3 +494,54 @@ def test_chunked_pass_through_unread(gunicorn_url: str) -> None:
         r = client.post(gunicorn_url + "/raw", content=gen(), headers={"Content-Type": "application/octet-stream"})
     out = r.json()
     assert out["intercepted"] is False and out["body_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+# -- a bare PUT of one file (raw_paths) ---------------------------------------------------------
+
+
+def _describe_files(environ: Dict[str, Any], start_response: Any) -> List[bytes]:
+    files = environ.get("uploadkit.files")
+    form = webob.Request(environ).POST if files is not None else {}
+    out = {"files": [[k, f.filename, f.size, f.sha256, f.content_type, hashlib.sha256(f.read()).hexdigest()]
+                     for k, f in files.items()] if files is not None else None,
+           "post": {k: v for k, v in form.items()},
+           "body": None if files is not None else
+           environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)).decode("latin-1")}
+    body = json.dumps(out).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def test_bare_put_with_curl_streams_through_the_same_chain(wsgi_server: Any, tmp_path: Any) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    photo = src / "holiday photo.png"
+    photo.write_bytes(PNG)
+    tempdir = tmp_path / "tmp"
+    tempdir.mkdir()
+    server = wsgi_server(_mw(_describe_files, tempdir, raw_paths=["/files/"]))
+    out = subprocess.run(["curl", "-sS", "--max-time", "20", "-T", str(photo), f"{server.url}/files/"],
+                         capture_output=True, check=True, timeout=30)
+    answer = json.loads(out.stdout)
+    # curl -T to a URL ending in "/" appends the file's name to the path.
+    digest = hashlib.sha256(PNG).hexdigest()
+    assert answer["files"] == [["file", "holiday photo.png", len(PNG), digest, "image/png", digest]]
+    assert answer["post"]["file.name"] == "holiday photo.png"
+    assert answer["post"]["file.sha256"] == hashlib.sha256(PNG).hexdigest()
+    assert_empty_eventually(tempdir)
+
+
+def test_bare_put_names_refusals_and_pass_through(wsgi_server: Any, tmp_path: Any) -> None:
+    server = wsgi_server(_mw(_describe_files, tmp_path, raw_paths=["/files/"],
+                             limits=Limits(max_file_size=1000)))
+    r = requests.put(f"{server.url}/files/ignored.bin", data=b"x" * 10, timeout=10,
+                     headers={"Content-Disposition": "attachment; filename*=UTF-8''caf%C3%A9.txt"})
+    assert r.status_code == 200 and r.json()["files"][0][:3] == ["file", "café.txt", 10]
+    r = requests.put(f"{server.url}/files/big.bin", data=b"x" * 5000, timeout=10)
+    _assert_refusal(r, 413, "file_too_large")
+    # Not under raw_paths, or not a PUT: the app reads the body itself.
+    r = requests.put(f"{server.url}/elsewhere/a.bin", data=b"plain", timeout=10)
+    assert r.json() == {"files": None, "post": {}, "body": "plain"}
+    r = requests.post(f"{server.url}/files/a.bin", data=b"plain", timeout=10)
+    assert r.json()["body"] == "plain"
+    assert_empty_eventually(tmp_path)

@@ -12,9 +12,11 @@ import pytest
 
 from uploadkit.errors import (
     ClientDisconnected,
+    FileTooLarge,
     LengthRequired,
     MalformedMultipart,
     RequestTooLarge,
+    UnsupportedType,
     UploadError,
     format_size,
 )
@@ -242,3 +244,39 @@ def test_reads_shrink_for_a_slow_client_so_progress_moves() -> None:
     steady = stream.asked[3:-1]
     assert steady and max(steady) <= 128 * 1024, stream.asked
     assert min(stream.asked[:-1]) >= 16 * 1024  # the last read asks only for what is left
+
+
+# -- a bare body (PUT /files/photo.png) through the same chain ----------------------------------
+
+
+def test_read_raw_drives_the_same_handlers(tmp_path: Any) -> None:
+    from uploadkit.reader import read_raw
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+    p = read_raw(io.BytesIO(png), filename="../../etc/photo.png", content_type="application/octet-stream",
+                 content_length=len(png), handlers=[HashingHandler(), TempFileHandler(str(tmp_path))])
+    (f,) = p.ctx.files
+    assert f.filename == "photo.png" and f.raw_filename == "../../etc/photo.png"
+    assert f.size == len(png) and f.sha256 == hashlib.sha256(png).hexdigest()
+    assert f.read() == png and os.path.dirname(f.path or "") == str(tmp_path)
+    p.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_read_raw_refusals_leave_nothing(tmp_path: Any) -> None:
+    from uploadkit.handlers import SniffingHandler
+    from uploadkit.reader import read_raw
+
+    data = os.urandom(300_000)
+    cases = [
+        (dict(content_length=len(data), limits=Limits(max_file_size=100_000)), FileTooLarge),
+        (dict(content_length=len(data) + 10), ClientDisconnected),
+        (dict(content_length=None), LengthRequired),
+        (dict(content_length=len(data), limits=Limits(allowed_types=frozenset({"image/*"}))), UnsupportedType),
+    ]
+    for kwargs, error in cases:
+        with pytest.raises(error):
+            read_raw(io.BytesIO(data), filename="blob.bin", handlers=[SniffingHandler(), HashingHandler(),
+                                                                      TempFileHandler(str(tmp_path))],
+                     **kwargs)
+        assert os.listdir(tmp_path) == [], error

@@ -17,10 +17,10 @@ from webob.multidict import MultiDict
 from .errors import MalformedMultipart, UploadError
 from .handlers import UploadHandler, default_handlers
 from .limits import Limits
-from .multipart import encode_multipart
+from .multipart import encode_multipart, filename_from_disposition
 from .pipeline import Pipeline
 from .progress import NULL_PROGRESS, ProgressListener
-from .reader import DEFAULT_READ_SIZE, read_multipart
+from .reader import DEFAULT_READ_SIZE, read_multipart, read_raw
 
 log = logging.getLogger("uploadkit")
 
@@ -98,6 +98,11 @@ class UploadMiddleware:
         default chain (see :meth:`default_handlers` to extend it).
     :param paths: path prefixes, or a callable ``environ -> bool``, selecting
         which requests are intercepted (default: all).
+    :param raw_paths: path prefixes where a ``PUT`` body is the file itself
+        (``curl -T photo.jpg https://site/files/photo.jpg``): it streams through
+        the same chain and reaches the app as one file in field ``file``, named
+        by a ``Content-Disposition: attachment; filename=...`` header if sent,
+        else by the last path segment. Default: none.
     :param read_size: bytes per read from ``wsgi.input``.
     :param storage: a :class:`uploadkit.storage.Storage`: files stream straight into it.
     :param thumbnails: a :class:`uploadkit.imaging.Thumbnailer`.
@@ -114,6 +119,7 @@ class UploadMiddleware:
                  tempdir: Optional[str] = None,
                  handlers: Optional[Callable[[Environ], Sequence[UploadHandler]]] = None,
                  paths: Union[None, Sequence[str], Callable[[Environ], bool]] = None,
+                 raw_paths: Sequence[str] = (),
                  read_size: int = DEFAULT_READ_SIZE, storage: Any = None, thumbnails: Any = None,
                  progress: Any = None, progress_path: Optional[str] = "/upload/progress",
                  progress_key: Optional[Callable[[Environ], Optional[str]]] = None,
@@ -128,6 +134,7 @@ class UploadMiddleware:
         self.tempdir = tempdir
         self.handlers = handlers
         self.paths = paths
+        self.raw_paths = tuple(raw_paths)
         self.read_size = read_size
         self.storage = storage
         self.thumbnails = thumbnails
@@ -204,6 +211,16 @@ class UploadMiddleware:
         path = environ.get("PATH_INFO", "")
         return any(path.startswith(prefix) for prefix in paths)
 
+    def intercepts_raw(self, environ: Environ) -> bool:
+        """A bare ``PUT`` of one file to one of ``raw_paths``."""
+        if not self.raw_paths or environ.get("REQUEST_METHOD", "GET").upper() != "PUT":
+            return False
+        ctype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+        if ctype.startswith("multipart/"):
+            return False
+        path = environ.get("PATH_INFO", "")
+        return any(path.startswith(prefix) for prefix in self.raw_paths)
+
     # -- WSGI ------------------------------------------------------------
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -211,14 +228,15 @@ class UploadMiddleware:
             path = environ.get("PATH_INFO", "")
             if path == self.progress_path or path.startswith(self.progress_path + "/"):
                 return self.progress_app(environ, start_response)
-        if not self.intercepts(environ):
+        if not (self.intercepts(environ) or self.intercepts_raw(environ)):
             return self.app(environ, start_response)
         return self._upload(environ, start_response)
 
     def stream(self, environ: Environ, stream: Any = None,
                limits: Optional[Limits] = None) -> Pipeline:
-        """Stream the multipart body of ``environ`` through this middleware's
-        chain and hand it over (environ keys, re-encoded body).
+        """Stream the body of ``environ`` (multipart, or a bare ``PUT`` to one
+        of ``raw_paths``) through this middleware's chain and hand it over
+        (environ keys, re-encoded body).
 
         The middleware itself calls it; so do framework adapters that meet the
         body inside the framework. The caller closes the returned pipeline once
@@ -237,12 +255,16 @@ class UploadMiddleware:
             progress = self.progress_for(environ)
             if content_length == -1:
                 raise MalformedMultipart("the Content-Length header is not a number")
-            pipeline = read_multipart(
-                counted, content_type=environ.get("CONTENT_TYPE", ""),
+            common: Dict[str, Any] = dict(
                 content_length=content_length,
                 limits=limits if limits is not None else self.limits_for(environ),
                 handlers=self.handlers_for(environ), environ=environ, progress=progress,
                 read_size=self.read_size, terminated=bool(environ.get("wsgi.input_terminated")))
+            if self.intercepts_raw(environ):
+                pipeline = read_raw(counted, filename=_raw_filename(environ),
+                                    content_type=environ.get("CONTENT_TYPE", ""), **common)
+            else:
+                pipeline = read_multipart(counted, content_type=environ.get("CONTENT_TYPE", ""), **common)
         except UploadError as exc:
             # Refusals raised before the pipeline started (411, a 413 from the
             # declared length) must still end the progress bar; a second call
@@ -304,6 +326,23 @@ class UploadMiddleware:
         environ[FILES_KEY] = files
         environ[FORM_KEY] = form
         environ[CONTEXT_KEY] = ctx
+
+
+def _raw_filename(environ: Environ) -> str:
+    """The name of a bare upload: Content-Disposition's filename (RFC 6266, with
+    ``filename*``), else the last path segment. Untrusted, like any filename:
+    the pipeline sanitizes it."""
+    disposition = environ.get("HTTP_CONTENT_DISPOSITION", "")
+    if disposition:
+        name = filename_from_disposition(disposition)
+        if name:
+            return name
+    path = str(environ.get("PATH_INFO", ""))
+    try:
+        path = path.encode("latin-1").decode("utf-8")  # PEP 3333 hands paths over as latin-1
+    except UnicodeError:
+        pass
+    return path.rstrip("/").rpartition("/")[2]
 
 
 def _content_length(environ: Environ) -> Optional[int]:

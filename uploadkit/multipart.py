@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote_to_bytes
 
-from multipart import MultipartError, MultipartSegment, ParserLimitReached, PushMultipartParser
+from multipart import (MultipartError, MultipartSegment, ParserLimitReached, PushMultipartParser,
+                       parse_content_disposition)
 
 from .errors import (
     FieldTooLarge,
@@ -113,6 +114,20 @@ def parse_boundary(content_type: str) -> bytes:
     if not _BOUNDARY_RE.match(boundary):
         raise MalformedMultipart(f"invalid multipart boundary {boundary[:80]!r}")
     return boundary.encode("latin-1")
+
+
+def filename_from_disposition(value: str) -> Optional[str]:
+    """The filename of a Content-Disposition header value (``attachment;
+    filename="a.txt"`` or RFC 5987 ``filename*=UTF-8''...``; a plain
+    ``filename`` wins, as in form parts), or None. Raw and untrusted."""
+    _, _, filename = parse_content_disposition(value)
+    if filename:
+        return str(filename)
+    masked = _QUOTED_RE.sub(lambda m: '"' + "_" * (len(m[0]) - 2) + '"', value)
+    match = _FILENAME_STAR_RE.search(masked)
+    if match:
+        return _decode_filename_star(value[match.start(1):match.end(1)])
+    return None
 
 
 def _decode_filename_star(value: str) -> Optional[str]:
