@@ -5,14 +5,12 @@ httpx and curl. The project under test is tests/support/django_project."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
 import shutil
 import subprocess
 import tempfile
-import time
 import warnings
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterator, List, Tuple
@@ -41,6 +39,7 @@ from django.db import connection  # noqa: E402
 from django.test import Client, override_settings  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from tests.support.checks import sha, wait_empty  # noqa: E402
 from tests.support.django_project.models import Document, RemoteDocument  # noqa: E402
 from tests.support.s3 import s3_bucket, s3_server  # noqa: E402,F401
 from tests.support.wsgi import gunicorn, serve  # noqa: E402
@@ -70,14 +69,6 @@ def clean_dirs() -> Iterator[None]:
     wait_empty(TMP)
 
 
-def wait_empty(path: str, timeout: float = 5.0) -> None:
-    """Temp files go when the server closes the response, which can be just
-    after the client has read it."""
-    deadline = time.monotonic() + timeout
-    while os.listdir(path) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert os.listdir(path) == [], f"temp files left behind: {os.listdir(path)}"
-
 
 def png_bytes(size: Tuple[int, int] = (48, 32), seed: int = 1) -> bytes:
     """Noise, so the PNG is well over the 1 KiB memory threshold."""
@@ -89,9 +80,6 @@ def png_bytes(size: Tuple[int, int] = (48, 32), seed: int = 1) -> bytes:
     im.save(out, "PNG")
     return out.getvalue()
 
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def post(app: webtest.TestApp, url: str, fields: List[Tuple[str, str]],

@@ -24,6 +24,7 @@ from flask.testing import FlaskClient  # noqa: E402
 from werkzeug.datastructures import FileStorage  # noqa: E402
 from werkzeug.utils import secure_filename  # noqa: E402
 
+from tests.support.checks import sha, wait_empty  # noqa: E402
 from tests.support.memcached import memcached_server  # noqa: E402,F401
 from tests.support.wsgi import gunicorn, serve  # noqa: E402
 from uploadkit.contrib.flask import UploadKit, UploadKitFileStorage, upload_limits  # noqa: E402
@@ -48,15 +49,6 @@ def new_app() -> Flask:
     return app
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def wait_empty(path: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while os.listdir(path) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert os.listdir(path) == [], f"temp files left behind: {os.listdir(path)}"
 
 
 def describe(f: Any) -> Dict[str, Any]:

@@ -3,11 +3,8 @@ WSGI server on 127.0.0.1 with requests and curl."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import subprocess
-import time
 import warnings
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -26,6 +23,7 @@ from pyramid.csrf import CookieCSRFStoragePolicy, get_csrf_token  # noqa: E402
 from pyramid.request import Request  # noqa: E402
 from pyramid.response import Response  # noqa: E402
 
+from tests.support.checks import sha, wait_empty  # noqa: E402
 from tests.support.wsgi import serve  # noqa: E402
 from uploadkit.contrib.pyramid import UploadKitFieldStorage, engine_of, upload_limits  # noqa: E402
 from uploadkit.errors import UploadError  # noqa: E402
@@ -34,15 +32,6 @@ from uploadkit.multipart import encode_multipart  # noqa: E402
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(range(256)) * 20
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def wait_empty(path: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while os.listdir(path) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert os.listdir(path) == [], f"temp files left behind: {os.listdir(path)}"
 
 
 def read_view(request: Request) -> Dict[str, Any]:
