@@ -157,7 +157,7 @@ class Pipeline:
                 return
             data = self._begin()
         if not self._skipped:
-            self._push(data, 0)
+            self._push(info, data, 0)
 
     def end_file(self) -> Optional[UploadedFile]:
         info = self._info
@@ -165,7 +165,7 @@ class Pipeline:
         if self._pending is not None:
             data = self._begin()
             if data and not self._skipped:
-                self._push(data, 0)
+                self._push(info, data, 0)
         self._info = None
         if self._skipped:
             return None
@@ -173,7 +173,7 @@ class Pipeline:
         for i, h in enumerate(handlers):
             tail = h.flush(info)
             if tail:
-                self._push_from(info, tail, i + 1)
+                self._push(info, tail, i + 1)
         for h in handlers:
             result = h.file_end(info)
             if result is not None and info.file is None:
@@ -199,12 +199,7 @@ class Pipeline:
                 break
         return data
 
-    def _push(self, chunk: bytes, start: int) -> None:
-        info = self._info
-        assert info is not None
-        self._push_from(info, chunk, start)
-
-    def _push_from(self, info: FileInfo, chunk: Optional[bytes], start: int) -> None:
+    def _push(self, info: FileInfo, chunk: Optional[bytes], start: int) -> None:
         for h in self.handlers[start:] if start else self.handlers:
             chunk = h.receive(info, chunk)  # type: ignore[arg-type]
             if chunk is None:
