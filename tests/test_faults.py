@@ -299,6 +299,7 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
     uploads = [Upload(i, s, f"s3down-{i}") for i, s in enumerate(sizes)]
     after = [Upload(200 + i, 256 * KiB * (i + 1), f"s3after-{i}") for i in range(8)]
     answered: List[str] = []
+    refused: List[str] = []
     try:
         with Cluster(str(tmp_path), storage_url=f"s3://{bucket}/uploads", storage_options=options,
                      memcached=module_memcached.address, workers=4, threads=3) as cluster:
@@ -306,20 +307,29 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
             def one(up: Upload) -> Upload:
                 run_upload(cluster.port, up)
                 answered.append(up.progress_id)
+                if up.status == 503:
+                    refused.append(up.progress_id)
                 return up
 
             def outage() -> None:
                 while len(answered) < 10:
                     time.sleep(0.01)
                 proxy.cut()
-                time.sleep(8.0)
+                # At least 8 s, and on a slow machine until the outage has
+                # refused something (each in-flight upload touches S3 only
+                # when a 5 MiB part fills or the file commits).
+                cut_at = time.monotonic()
+                while time.monotonic() - cut_at < 60 and len(answered) < len(uploads):
+                    if time.monotonic() - cut_at >= 8 and refused:
+                        break
+                    time.sleep(0.05)
                 proxy.restore()
 
             cutter = threading.Thread(target=outage, daemon=True)
             cutter.start()
             with ThreadPoolExecutor(12) as pool:
                 done = list(pool.map(one, uploads))
-            cutter.join(timeout=30)
+            cutter.join(timeout=70)
             # S3 is back: uploads go through again.
             with ThreadPoolExecutor(4) as pool:
                 done += list(pool.map(lambda u: run_upload(cluster.port, u), after))
