@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from wsgiref.headers import Headers
 
 from .errors import FileTooLarge, InternalError, UploadError, format_size
@@ -74,7 +74,7 @@ class Pipeline:
         for h in self.handlers:
             h.request_start(self.ctx)
 
-    def add_field(self, name: str, value: str) -> None:
+    def add_field(self, name: str, value: str, headers: Any = None) -> None:
         self.ctx.fields.append((name, value))
 
     def finish(self) -> None:
@@ -121,7 +121,7 @@ class Pipeline:
     # -- files -----------------------------------------------------------
 
     def start_file(self, field_name: str, raw_filename: str, declared_type: str = "",
-                   headers: Optional[Headers] = None) -> FileInfo:
+                   headers: Union[Headers, Sequence[Tuple[str, str]], None] = None) -> FileInfo:
         declared = normalize_type(declared_type) if declared_type else ""
         info = FileInfo(
             field_name=field_name,
@@ -129,7 +129,7 @@ class Pipeline:
             raw_filename=raw_filename,
             declared_type=declared,
             content_type=declared or "application/octet-stream",
-            headers=headers if headers is not None else Headers([]),
+            headers=headers if isinstance(headers, Headers) else Headers(list(headers or ())),
             index=self._file_count,
         )
         self._file_count += 1

@@ -9,14 +9,13 @@ away) from a complete one, and counts the bytes of bodies that have no length
 from __future__ import annotations
 
 import time
-from wsgiref.headers import Headers
 
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
 
 from .errors import ClientDisconnected, LengthRequired, RequestTooLarge, UploadError, format_size
 from .handlers import UploadHandler, default_handlers
 from .limits import Limits
-from .multipart import Event, Field, FileData, FileEnd, FileStart, MultipartDecoder, parse_boundary
+from .multipart import MultipartDecoder, parse_boundary
 from .pipeline import Pipeline, RequestContext
 from .progress import NULL_PROGRESS, ProgressListener
 
@@ -84,10 +83,10 @@ def read_multipart(stream: Readable, *, content_type: str, content_length: Optio
 def _pump(stream: Readable, decoder: MultipartDecoder, pipeline: Pipeline,
           content_length: Optional[int], limits: Limits, read_size: int,
           progress: ProgressListener) -> None:
-    feed = decoder.feed
+    push = decoder.push
     for chunk in _chunks(stream, content_length, limits, read_size, progress):
-        _dispatch(feed(chunk), pipeline)
-    _dispatch(decoder.close(), pipeline)
+        push(chunk, pipeline)
+    decoder.close()
 
 
 def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, read_size: int,
@@ -137,20 +136,6 @@ def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, rea
                 f"the request is larger than the limit of {format_size(limit)}", limit=limit)
         progress.advance(received, content_length)
         yield chunk if type(chunk) is bytes else bytes(chunk)
-
-
-def _dispatch(events: List[Event], pipeline: Pipeline) -> None:
-    for ev in events:
-        kind = type(ev)
-        if kind is FileData:
-            pipeline.feed(ev.data)  # type: ignore[union-attr]
-        elif kind is Field:
-            pipeline.add_field(ev.name, ev.value)  # type: ignore[union-attr]
-        elif kind is FileStart:
-            pipeline.start_file(ev.name, ev.filename, ev.content_type,  # type: ignore[union-attr]
-                                Headers(list(ev.headers)))  # type: ignore[union-attr]
-        elif kind is FileEnd:
-            pipeline.end_file()
 
 
 def read_raw(stream: Readable, *, filename: str, content_type: str = "",
