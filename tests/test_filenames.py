@@ -178,3 +178,12 @@ def test_extension_survives_truncation(stem: str, ext: str) -> None:
     out = sanitize_filename(f"{stem}.{ext}", 64)
     assert out.endswith("." + ext)
     assert len(out.encode()) <= 64
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=st.text(st.sampled_from("abcXYZ019_-. /\\:conCONnulLPT1"), max_size=40),
+       max_length=st.integers(1, 60))
+def test_the_plain_name_shortcut_agrees_with_the_full_rules(raw: str, max_length: int) -> None:
+    from uploadkit.filenames import _sanitize
+
+    assert sanitize_filename(raw, max_length) == _sanitize(raw, max_length)

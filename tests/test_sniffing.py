@@ -198,3 +198,68 @@ def test_sniff_gives_filetypes_answer(magic: bytes, inner: bytes, tail: bytes) -
     kind = ft.guess(head[:8192]) if head else None
     expected = None if kind is None else normalize_type(kind.mime)
     assert sniff(head) == expected
+
+
+# Heads of many formats, magic numbers from the formats' specifications, each
+# padded past the lengths the matchers ask for.
+_SAMPLES = [
+    b"II*\x00\x08\x00\x00\x00", b"MM\x00*\x00\x00\x00\x08", b"II*\x00\x10\x00\x00\x00CR", b"BM6\x00\x00\x00",
+    b"8BPS\x00\x01", b"\x00\x00\x01\x00\x01\x00", b"ID3\x03\x00", b"\xff\xfb\x90\x00", b"OggS\x00\x02",
+    b"fLaC\x00\x00\x00\x22", b"RIFF\x24\x00\x00\x00WAVEfmt ", b"RIFF\x24\x00\x00\x00AVI LIST",
+    b"FORM\x00\x00\x00\x00AIFF", b"#!AMR\n", b"MThd\x00\x00\x00\x06", b"\x00\x00\x00\x20ftypisom",
+    b"\x00\x00\x00\x18ftypheic", b"\x00\x00\x00\x14ftypqt  ", b"\x00\x00\x00\x1cftypM4V ",
+    b"\x00\x00\x01\xba", b"FLV\x01", b"wOFF\x00\x01\x00\x00", b"wOF2\x00\x01\x00\x00",
+    b"\x00\x01\x00\x00\x00", b"OTTO\x00", b"Rar!\x1a\x07\x00", b"BZh91AY", b"\xfd7zXZ\x00",
+    b"MZ\x90\x00", b"\x7fELF\x02\x01\x01", b"SQLite format 3\x00", b"!<arch>\ndebian-binary",
+    b"!<arch>\n", b"\x1f\x9d\x90", b"LZIP\x01", b"\x04\x22\x4d\x18", b"\x28\xb5\x2f\xfd",
+    b"\x00asm\x01\x00\x00\x00", b"{\\rtf1\\ansi", b"%!PS-Adobe-3.0", b"Cr24\x02\x00", b"MSCF\x00\x00",
+    b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504) + b"\xec\xa5\xc1\x00", b"\xef\xbb\xbf%PDF-1.7", b"gimp xcf v001", b"AC1018",
+    b"\xce\xb2\xcf\x81", b"\xed\xab\xee\xdb", b"\xff\xf1\x50\x80", b"CWS\x09", b"NES\x1a",
+    b"\x89LZO\x00\r\n\x1a\n", b"0&\xb2u\x8ef\xcf\x11\xa6\xd9", b"\x00\x00\x00\x0cjP  \r\n\x87\n\x00\x00\x00\x14ftypjp2 ",
+]
+
+
+@pytest.mark.parametrize("magic", _SAMPLES, ids=lambda m: m[:8].hex())
+def test_sniff_agrees_with_filetype_on_every_format_we_know(magic: bytes) -> None:
+    """The first-byte gates are read from filetype's own matchers: on a real
+    head of each format, the gate must hold the format's first byte and the
+    answer must be filetype's."""
+    import filetype as ft
+
+    from uploadkit import sniffing
+
+    head = magic + bytes(600)
+    kind = ft.guess(head)
+    assert kind is not None, f"no format recognised: the sample {magic!r} is wrong"
+    assert sniff(head) == normalize_type(kind.mime)
+    gate = sniffing._gate(kind)
+    assert gate is None or head[0] in gate
+
+
+def test_sniff_gates_are_read_from_most_matchers() -> None:
+    """Most matchers get a gate; if filetype's code changes shape, they fall
+    back to always running (slower, never wrong), and this says so."""
+    import filetype as ft
+
+    from uploadkit import sniffing
+
+    gated = [k for k in ft.TYPES if sniffing._gate(k) is not None]
+    assert len(gated) >= len(ft.TYPES) // 2, [type(k).__name__ for k in ft.TYPES if k not in gated]
+    assert sniff(b"\x00" * 64) is None and sniff(b"AC1018" + bytes(64)) == "image/vnd.dwg"
+
+
+def test_stored_gates_are_what_filetypes_source_says() -> None:
+    """The stored table must be what reading the installed filetype gives; on
+    another filetype or Python its fingerprints differ and it is not used."""
+    import filetype as ft
+
+    from uploadkit import _magic_gates, sniffing
+
+    fresh = sniffing.derive_gates()
+    matching = {k for k, v in _magic_gates.GATES.items() if k in fresh and fresh[k][0] == v[0]}
+    if len(matching) < len(fresh):
+        pytest.skip(f"the stored table was read from another filetype or Python ({len(matching)} of "
+                    f"{len(fresh)} matchers unchanged): regenerate it with tools/magic_gates.py")
+    assert {k: _magic_gates.GATES[k] for k in fresh} == fresh
+    assert sniffing.render_gates_module().startswith('"""First-byte gates')
+    assert len(fresh) >= len(ft.TYPES) - 2  # the keys name every matcher's class
