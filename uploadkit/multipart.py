@@ -294,42 +294,7 @@ class MultipartDecoder:
         max_field = self.limits.max_field_size
         max_form = self.limits.max_form_memory
         while pos < n:
-            if state is State.FILE:
-                index = find(delim, pos)
-                if index == -1:
-                    # Keep back a possible start of the delimiter; the boundary
-                    # has no CR, so only the last CR can begin one.
-                    cut = buf.rfind(b"\r", max(pos, n - dlen + 1))
-                    if cut == -1 or not delim.startswith(buf[cut:]):
-                        cut = n
-                    if cut > pos:
-                        data = buf[pos:cut] if pos or cut != n else buf
-                        if self._length is not None:
-                            self._count(len(data))
-                        target.feed(data)
-                    pos = cut
-                    break
-                after = index + dlen
-                if index > pos:
-                    data = buf[pos:index]
-                    if self._length is not None:
-                        self._count(len(data))
-                    target.feed(data)
-                    pos = index
-                if after + 2 > n:
-                    break
-                tail = buf[after:after + 2]
-                if tail == b"\r\n":
-                    self._end_part(target)
-                    state = self.state = State.HEADERS
-                    pos = after + 2
-                elif tail == b"--":
-                    self._end_part(target)
-                    state = self.state = State.COMPLETE
-                    return
-                else:
-                    raise self._bad_delimiter()
-            elif state is State.HEADERS:
+            if state is State.HEADERS:
                 line_end = buf.find(b"\r\n", pos, pos + self.limits.max_header_size)
                 if line_end > 0 and buf.startswith(_FIELD_PREFIX, pos) \
                         and buf.find(b'"', pos + _FIELD_PREFIX_LEN, line_end) == line_end - 1:
@@ -355,9 +320,7 @@ class MultipartDecoder:
                     raise self._header_too_large(end - pos)
                 state = self._start_part(buf[pos:end], target)
                 pos = end + 4
-            elif state is State.PREAMBLE:  # pragma: no cover - left above
-                raise AssertionError("preamble inside the loop")
-            else:  # FIELD or SKIP: a text field's value
+            else:  # a part's body: FILE, or FIELD/SKIP (a text field's value)
                 index = find(delim, pos)
                 if index != -1 and state is State.FIELD and not self._field and self._length is None \
                         and index + dlen + 2 <= n:
@@ -384,16 +347,18 @@ class MultipartDecoder:
                     state = State.HEADERS
                     continue
                 if index == -1:
+                    # Keep back a possible start of the delimiter; the boundary
+                    # has no CR, so only the last CR can begin one.
                     cut = buf.rfind(b"\r", max(pos, n - dlen + 1))
                     if cut == -1 or not delim.startswith(buf[cut:]):
                         cut = n
                     if cut > pos:
-                        state = self._field_data(buf[pos:cut])
+                        state = self._body(buf[pos:cut] if pos or cut != n else buf, state, target)
                     pos = cut
                     break
                 after = index + dlen
                 if index > pos:
-                    state = self._field_data(buf[pos:index])
+                    state = self._body(buf[pos:index], state, target)
                     pos = index
                 if after + 2 > n:
                     break
@@ -655,6 +620,15 @@ class MultipartDecoder:
                     raise MalformedMultipart(f"part {part}: invalid Content-Length {text[:40]!r}")
                 length = int(text)
         return dispositions[0], content_type, charset, length
+
+    def _body(self, data: bytes, state: State, target: DecoderTarget) -> State:
+        """Bytes of the current part's body; returns the state after them."""
+        if state is State.FILE:
+            if self._length is not None:
+                self._count(len(data))
+            target.feed(data)
+            return state
+        return self._field_data(data)
 
     def _field_data(self, data: bytes) -> State:
         """Bytes of a text field (or of a skipped part, which they make a field)."""
