@@ -673,8 +673,6 @@ class MultipartDecoder:
                 value = raw.decode(self.charset, "replace")
             target.add_field(self._name, value, self._headers)
             self._field = []
-        elif state is State.SKIP:
-            pass
 
 
 # -- encoding --------------------------------------------------------------

@@ -139,23 +139,30 @@ def _first_bytes(expr: ast.expr) -> Optional[FrozenSet[int]]:
     return None
 
 
+def _match_body(kind: Any) -> Optional[List[ast.stmt]]:
+    """The statements of a filetype matcher's own ``match`` (docstring left
+    out), or None when it has no source of its own at hand."""
+    fn = type(kind).__dict__.get("match")
+    if fn is None:
+        return None
+    try:
+        func = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    except (OSError, TypeError, SyntaxError):
+        return None
+    if not isinstance(func, ast.FunctionDef):
+        return None
+    return [st for st in func.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
+
+
 def _gate(kind: Any) -> Optional[FrozenSet[int]]:
     """First bytes a filetype matcher can accept, read from its source: a
     single ``return <test>``, or ``if <test>: ...`` then ``return False``.
     Anything else, or no source at hand: None (always run). Reading the
     matchers instead of copying their magic numbers keeps us right when
     filetype changes."""
-    fn = type(kind).__dict__.get("match")
-    if fn is None:
+    body = _match_body(kind)
+    if body is None:
         return None
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    func = tree.body[0]
-    if not isinstance(func, ast.FunctionDef):
-        return None
-    body = [st for st in func.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
     if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
         return _first_bytes(body[0].value)
     if len(body) == 2 and isinstance(body[0], ast.If) and not body[0].orelse \
@@ -168,14 +175,7 @@ def _gate(kind: Any) -> Optional[FrozenSet[int]]:
 def _needs_ftyp(kind: Any) -> bool:
     """True for an ISO base media matcher that opens with
     ``if not self._is_isobmff(buf): return False`` (an ``ftyp`` box at 4)."""
-    fn = type(kind).__dict__.get("match")
-    try:
-        func = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0] if fn else None
-    except (OSError, TypeError, SyntaxError):
-        return False
-    if not isinstance(func, ast.FunctionDef):
-        return False
-    body = [st for st in func.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
+    body = _match_body(kind)
     if not body or not isinstance(body[0], ast.If):
         return False
     test, then = body[0].test, body[0].body
