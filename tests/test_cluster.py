@@ -21,7 +21,7 @@ from typing import Any
 
 
 from tests.support.cluster import (KiB, MiB, Cluster, MotoProcess, Poller, Upload,  # noqa: F401
-                                   module_memcached, moto_process, plan_sizes, run_upload, wait_final)
+                                   module_memcached, moto_process, plan_sizes, run_upload, settle)
 from tests.support.memcached import MemcachedServer
 
 UPLOADS = int(os.environ.get("UPLOADKIT_CLUSTER_UPLOADS", "200"))
@@ -47,11 +47,12 @@ def test_many_workers_memcached_progress_s3_storage_nothing_lost(
         t0 = time.perf_counter()
         try:
             with ThreadPoolExecutor(IN_FLIGHT) as pool:
-                done = list(pool.map(lambda u: run_upload(cluster.port, u, active=active), uploads))
+                done = list(pool.map(lambda u: settle(cluster.port, run_upload(cluster.port, u, active=active)),
+                                     uploads))
         finally:
             poller.stop()
         elapsed = time.perf_counter() - t0
-        finals = {u.progress_id: wait_final(cluster.port, u.progress_id)["state"] for u in done}
+        finals = {u.progress_id: u.final["state"] if u.final else None for u in done}
         rss = cluster.peak_rss_mib()
         temp_files = cluster.temp_files()
         log_tail = cluster.log_tail()

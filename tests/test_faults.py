@@ -32,7 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tests.support.cluster import (KiB, MiB, REPO_ROOT, Cluster, ConnectionDropped, MotoProcess,  # noqa: F401
                                    TcpProxy, Upload, build_body, http_post, module_memcached, moto_process,
-                                   plan_sizes, progress_of, run_upload, send_partial, wait_final)
+                                   plan_sizes, progress_of, run_upload, send_partial, settle)
 from tests.support.memcached import MemcachedServer, memcached_server  # noqa: F401
 from uploadkit import cli
 from uploadkit.middleware import UploadMiddleware
@@ -88,9 +88,9 @@ def test_clients_disconnecting_at_random_offsets_leave_nothing(
         work = [(run_upload, u) for u in good] + [(vanish, u) for u in gone]
         rng.shuffle(work)
         with ThreadPoolExecutor(24) as pool:
-            list(pool.map(lambda job: job[0](cluster.port, job[1], **(
-                {"path": paths[job[1].progress_id]} if job[0] is run_upload else {})), work))
-        finals = {u.progress_id: wait_final(cluster.port, u.progress_id, timeout=60) for u in good + gone}
+            list(pool.map(lambda job: settle(cluster.port, job[0](cluster.port, job[1], **(
+                {"path": paths[job[1].progress_id]} if job[0] is run_upload else {}))), work))
+        finals = {u.progress_id: u.final for u in good + gone}
         temp_files = cluster.temp_files()
         log_tail = cluster.log_tail()
 
@@ -150,10 +150,10 @@ def test_memcached_killed_mid_load_then_restarted(
             done = list(pool.map(one, uploads))
         sab.join(timeout=60)
         # Later uploads: started once every worker's breaker had time to probe again.
-        settle = events["restarted"] + 4 * retry_after + 1.0
-        later = [u for u in done if started[u.progress_id] > settle]
+        recovered_at = events["restarted"] + 4 * retry_after + 1.0
+        later = [u for u in done if started[u.progress_id] > recovered_at]
         if len(later) < 10:  # the load ended early: send some more
-            time.sleep(max(0.0, settle - time.monotonic()))
+            time.sleep(max(0.0, recovered_at - time.monotonic()))
             extra = [Upload(500 + i, 64 * KiB * (i + 1), f"mc-late-{i}") for i in range(12)]
             with ThreadPoolExecutor(6) as pool:
                 later += list(pool.map(lambda u: run_upload(cluster.port, u), extra))
@@ -300,6 +300,8 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
     after = [Upload(200 + i, 256 * KiB * (i + 1), f"s3after-{i}") for i in range(8)]
     answered: List[str] = []
     refused: List[str] = []
+    window: List[float] = []  # when S3 went down, when it came back
+    started = time.monotonic()
     try:
         with Cluster(str(tmp_path), storage_url=f"s3://{bucket}/uploads", storage_options=options,
                      memcached=module_memcached.address, workers=4, threads=3) as cluster:
@@ -309,12 +311,13 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
                 answered.append(up.progress_id)
                 if up.status == 503:
                     refused.append(up.progress_id)
-                return up
+                return settle(cluster.port, up)
 
             def outage() -> None:
                 while len(answered) < 10:
                     time.sleep(0.01)
                 proxy.cut()
+                window.append(time.monotonic())
                 # At least 8 s, and on a slow machine until the outage has
                 # refused something (each in-flight upload touches S3 only
                 # when a 5 MiB part fills or the file commits).
@@ -324,6 +327,7 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
                         break
                     time.sleep(0.05)
                 proxy.restore()
+                window.append(time.monotonic())
 
             cutter = threading.Thread(target=outage, daemon=True)
             cutter.start()
@@ -332,15 +336,17 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
             cutter.join(timeout=70)
             # S3 is back: uploads go through again.
             with ThreadPoolExecutor(4) as pool:
-                done += list(pool.map(lambda u: run_upload(cluster.port, u), after))
-            finals = {u.progress_id: wait_final(cluster.port, u.progress_id, timeout=60) for u in done}
+                done += list(pool.map(lambda u: settle(cluster.port, run_upload(cluster.port, u)), after))
+            finals = {u.progress_id: u.final for u in done}
             log_tail = cluster.log_tail()
+            elapsed = time.monotonic() - started
     finally:
         proxy.stop()
 
     assert [(u.index, u.status, u.error) for u in done if u.status not in (200, 503)] == [], log_tail
     failed = [u for u in done if u.status == 503]
     ok = [u for u in done if u.status == 200]
+    assert len(window) == 2, "the outage never began or never ended"
     assert failed, "the outage refused nothing: it came too late or too short"
     assert len(ok) >= 10 and all(u.status == 200 for u in after)
     for u in failed:
@@ -359,7 +365,7 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
     left = (len(moto_process.keys(bucket, "uploads/.uploadkit-tmp/")), len(moto_process.pending_uploads(bucket)))
     with capsys.disabled():
         print(f"\nS3 outage: {len(ok)} stored, {len(failed)} refused with 503; left behind: {left[0]} temp keys, "
-              f"{left[1]} multipart uploads")
+              f"{left[1]} multipart uploads; S3 down for {window[1] - window[0]:.1f} s of {elapsed:.1f} s")
     capsys.readouterr()
     assert cli.main(["cleanup", "--storage", f"s3://{bucket}/uploads", "--older-than", "0s",
                      *cleanup_options(moto_process)]) == 0

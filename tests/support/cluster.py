@@ -492,6 +492,7 @@ class Upload:
     worker: Optional[int] = None
     seconds: float = 0.0
     error: Optional[str] = None
+    final: Optional[Dict[str, Any]] = None
 
 
 def run_upload(port: int, up: Upload, path: str = "/upload", active: Optional[set] = None) -> Upload:
@@ -619,7 +620,11 @@ def progress_of(port: int, progress_id: str) -> Dict[str, Any]:
 
 
 def wait_final(port: int, progress_id: str, timeout: float = 30.0) -> Dict[str, Any]:
-    """The upload's status once it is final (``done`` or ``error``)."""
+    """The upload's status once it is final (``done`` or ``error``).
+
+    A final status is kept for the store's ``final_ttl`` (60 s) only, so a
+    test reads it as soon as the upload is answered (see :func:`settle`), not
+    after a whole load run that may outlast it on a slow machine."""
     deadline = time.monotonic() + timeout
     value: Dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -628,6 +633,12 @@ def wait_final(port: int, progress_id: str, timeout: float = 30.0) -> Dict[str, 
             return value
         time.sleep(0.05)
     raise AssertionError(f"progress {progress_id} not final after {timeout} s: {value}")
+
+
+def settle(port: int, up: Upload, timeout: float = 60.0) -> Upload:
+    """Record in ``up`` its final progress status, read right after its answer."""
+    up.final = wait_final(port, up.progress_id, timeout)
+    return up
 
 
 # -- fixtures -------------------------------------------------------------------------------
