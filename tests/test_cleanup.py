@@ -59,9 +59,9 @@ def test_options_from_reads_json_values() -> None:
 def test_only_uploadkit_temp_files_older_than_the_age(tmp_path: Any) -> None:
     # A real temp file, as the handler names it, left behind.
     handler = TempFileHandler(str(tmp_path))
-    real = handler._open()
-    real.write(b"x" * 1000)
-    real.close()
+    fd = handler._open()
+    os.write(fd, b"x" * 1000)
+    os.close(fd)
     (left,) = handler.paths
     young = tmp_path / "uploadkit-0123456789abcdef-1.part"
     young.write_bytes(b"y")

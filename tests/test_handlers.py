@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import zlib
 from typing import Any, List, Optional, Tuple
@@ -153,6 +155,43 @@ def test_temp_file_handler_reports_storage_unavailable(tmp_path: Any) -> None:
     with pytest.raises(UploadError) as err:
         run(file_part("a", "a.bin", b"data") + end(), [TempFileHandler(str(missing))])
     assert err.value.code == "storage_unavailable" and err.value.status == 503
+
+
+_FULL_DISK_CHILD = r"""
+import io, json, os, resource, signal, sys
+from uploadkit.errors import UploadError
+from uploadkit.handlers import TempFileHandler
+from tests.support.bodies import content_type, end, file_part
+from uploadkit.reader import read_multipart
+
+tempdir, limit = sys.argv[1], int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+first = os.urandom(1000)
+body = (file_part("a", "a.bin", first) + file_part("b", "b.bin", os.urandom(3 * limit)) + end())
+try:
+    read_multipart(io.BytesIO(body), content_type=content_type(), content_length=len(body),
+                   handlers=[TempFileHandler(tempdir)], read_size=int(sys.argv[3]))
+    print(json.dumps({"accepted": True}))
+except UploadError as exc:
+    print(json.dumps({"code": exc.code, "status": exc.status, "message": str(exc)}))
+"""
+
+
+@pytest.mark.parametrize("read_size", [1000, 1 << 20])
+def test_a_temp_file_write_that_fails_is_503_and_leaves_nothing(tmp_path: Any, read_size: int) -> None:
+    # A real failing write: the child's file size limit (RLIMIT_FSIZE) makes
+    # the kernel cut a write short and refuse the next, as a full disk does.
+    tempdir = tmp_path / "tmp"
+    tempdir.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(tempdir), str(64 * 1024), str(read_size)],
+                          cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcome["code"] == "storage_unavailable" and outcome["status"] == 503, outcome
+    assert "writing a temp file failed" in outcome["message"]
+    assert os.listdir(tempdir) == []
 
 
 # -- HashingHandler -----------------------------------------------------------------

@@ -57,6 +57,13 @@ class Pipeline:
     def __init__(self, handlers: Sequence[UploadHandler], ctx: RequestContext,
                  progress: ProgressListener = NULL_PROGRESS, head_size: int = HEAD_SIZE) -> None:
         self.handlers = list(handlers)
+        # The hooks each file goes through, without the handlers that keep the
+        # base class's do-nothing version: a chain of several handlers then
+        # costs a file only the calls that do something.
+        self._starters = _overriding(self.handlers, "file_start")
+        self._receivers = _overriding(self.handlers, "receive")
+        self._flushers = [(i, h) for i, h in enumerate(self.handlers) if _acts(h, "flush")]
+        self._enders = _overriding(self.handlers, "file_end")
         self.ctx = ctx
         self.progress = progress
         self.head_size = head_size
@@ -169,12 +176,11 @@ class Pipeline:
         self._info = None
         if self._skipped:
             return None
-        handlers = self.handlers
-        for i, h in enumerate(handlers):
+        for i, h in self._flushers:
             tail = h.flush(info)
             if tail:
                 self._push(info, tail, i + 1)
-        for h in handlers:
+        for h in self._enders:
             result = h.file_end(info)
             if result is not None and info.file is None:
                 info.file = result
@@ -191,16 +197,29 @@ class Pipeline:
         data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
         self._pending = None
         info.head = data[: self.head_size]
-        for i, h in enumerate(self.handlers):
+        for h in self._starters:
             if h.file_start(info) is SKIP:
-                for started in self.handlers[:i]:
+                for started in self.handlers[:self.handlers.index(h)]:
                     started.file_skipped(info)
                 self._skipped = True
                 break
         return data
 
     def _push(self, info: FileInfo, chunk: Optional[bytes], start: int) -> None:
-        for h in self.handlers[start:] if start else self.handlers:
+        """Pass ``chunk`` down the chain, from handler ``start`` on (after a
+        flushing handler, its tail goes only to the handlers after it)."""
+        for h in self._receivers if not start else _overriding(self.handlers[start:], "receive"):
             chunk = h.receive(info, chunk)  # type: ignore[arg-type]
             if chunk is None:
                 return
+
+
+def _acts(handler: UploadHandler, hook: str) -> bool:
+    """Whether ``handler`` has a ``hook`` other than the base class's no-op
+    (a handler written to the protocol need not define every hook)."""
+    method = getattr(handler, hook, None)
+    return method is not None and getattr(method, "__func__", method) is not getattr(UploadHandler, hook)
+
+
+def _overriding(handlers: Sequence[UploadHandler], hook: str) -> List[UploadHandler]:
+    return [h for h in handlers if _acts(h, hook)]
