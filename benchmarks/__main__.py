@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 import time
 from typing import Any, List, Optional, TextIO
@@ -90,6 +91,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     log(f"[benchmarks] {name}: not present or has no main(argv), skipped")
                     continue
                 log(f"[benchmarks] {name} {' '.join(sub_argv)}")
+                # The gigabytes one module wrote must not be written back
+                # during the next module's timed runs.
+                os.sync()
                 start = time.monotonic()
                 try:
                     rc = _call(name, run, sub_argv)
