@@ -471,33 +471,10 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _warm_up(tool: Tool, meta_path: str, outdir: str, read_size: int) -> Optional[str]:
-    """One untimed run on the small warm-up body; then ``outdir`` is emptied,
-    so the timed run creates its files afresh like the others."""
-    body = Body.load(meta_path)
+def _parse_once(tool: Tool, body: Body, outdir: str, read_size: int) -> Tuple[Optional[str], float, float]:
+    """Prepare ``tool`` for ``body``, then time one parse of it: (what is
+    missing or None, wall seconds, CPU seconds). What the tool kept is released."""
     run = tool.prepare(body, outdir, read_size)
-    with open(body.path, "rb") as stream:
-        outcome = run(stream)
-    problem = _check(body, tool, outcome)
-    if outcome.cleanup is not None:
-        outcome.cleanup()
-    for name in os.listdir(outdir):
-        path = os.path.join(outdir, name)
-        if os.path.isfile(path):
-            os.unlink(path)
-    return None if problem is None else f"warm-up: {problem}"
-
-
-def _child(spec: Dict[str, Any]) -> int:
-    body = Body.load(spec["meta"])
-    tool = TOOLS[spec["tool"]]
-    read_size = spec["read_size"] or READ_64K
-    if spec.get("warmup"):
-        problem = _warm_up(tool, spec["warmup"], spec["outdir"], read_size)
-        if problem is not None:
-            print(json.dumps({"seconds": 0, "cpu": 0, "rss_kib": 0, "error": problem}))
-            return 2
-    run = tool.prepare(body, spec["outdir"], read_size)
     with open(body.path, "rb") as stream:
         cpu_start = _cpu_seconds()
         start = time.perf_counter()
@@ -507,6 +484,25 @@ def _child(spec: Dict[str, Any]) -> int:
     problem = _check(body, tool, outcome)
     if outcome.cleanup is not None:
         outcome.cleanup()
+    return problem, seconds, cpu
+
+
+def _child(spec: Dict[str, Any]) -> int:
+    body = Body.load(spec["meta"])
+    tool = TOOLS[spec["tool"]]
+    read_size = spec["read_size"] or READ_64K
+    outdir = spec["outdir"]
+    if spec.get("warmup"):
+        # Untimed; then the output directory is emptied, so the timed run
+        # creates its files afresh like every other tool's.
+        problem, _, _ = _parse_once(tool, Body.load(spec["warmup"]), outdir, read_size)
+        for name in os.listdir(outdir):
+            if os.path.isfile(os.path.join(outdir, name)):
+                os.unlink(os.path.join(outdir, name))
+        if problem is not None:
+            print(json.dumps({"seconds": 0, "cpu": 0, "rss_kib": 0, "error": f"warm-up: {problem}"}))
+            return 2
+    problem, seconds, cpu = _parse_once(tool, body, outdir, read_size)
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_kib": rss_kib, "error": problem}))
     return 0 if problem is None else 2

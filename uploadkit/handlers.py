@@ -357,7 +357,6 @@ class TempFileHandler(UploadHandler):
             except OSError as exc:
                 raise StorageUnavailable(f"cannot create a temp file: {exc.strerror or exc}") from None
             self.paths.append(path)
-            self._fd = fd
             return fd
         raise StorageUnavailable("cannot create a temp file: every name tried was taken")
 
@@ -368,7 +367,7 @@ class TempFileHandler(UploadHandler):
     def receive(self, info: FileInfo, chunk: bytes) -> Optional[bytes]:
         fd = self._fd
         if fd < 0:
-            fd = self._open()
+            fd = self._fd = self._open()
         try:
             written = os.write(fd, chunk)
             if written < len(chunk):  # a short write: a signal, or the disk filling up
@@ -386,7 +385,6 @@ class TempFileHandler(UploadHandler):
             if info.file is not None:
                 return None
             fd = self._open()  # an empty file nobody kept
-            self._fd = -1
         try:
             os.close(fd)
         except OSError as exc:

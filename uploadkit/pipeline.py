@@ -60,9 +60,11 @@ class Pipeline:
         # The hooks each file goes through, without the handlers that keep the
         # base class's do-nothing version: a chain of several handlers then
         # costs a file only the calls that do something.
-        self._starters = _overriding(self.handlers, "file_start")
+        self._starters = [(i, h) for i, h in enumerate(self.handlers) if _acts(h, "file_start")]
         self._receivers = _overriding(self.handlers, "receive")
-        self._flushers = [(i, h) for i, h in enumerate(self.handlers) if _acts(h, "flush")]
+        # A flushing handler's tail goes only to the receivers after it.
+        self._flushers = [(h, _overriding(self.handlers[i + 1:], "receive"))
+                          for i, h in enumerate(self.handlers) if _acts(h, "flush")]
         self._enders = _overriding(self.handlers, "file_end")
         self.ctx = ctx
         self.progress = progress
@@ -164,7 +166,7 @@ class Pipeline:
                 return
             data = self._begin()
         if not self._skipped:
-            self._push(info, data, 0)
+            self._push(info, data, self._receivers)
 
     def end_file(self) -> Optional[UploadedFile]:
         info = self._info
@@ -172,14 +174,14 @@ class Pipeline:
         if self._pending is not None:
             data = self._begin()
             if data and not self._skipped:
-                self._push(info, data, 0)
+                self._push(info, data, self._receivers)
         self._info = None
         if self._skipped:
             return None
-        for i, h in self._flushers:
+        for h, after in self._flushers:
             tail = h.flush(info)
             if tail:
-                self._push(info, tail, i + 1)
+                self._push(info, tail, after)
         for h in self._enders:
             result = h.file_end(info)
             if result is not None and info.file is None:
@@ -197,18 +199,16 @@ class Pipeline:
         data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
         self._pending = None
         info.head = data[: self.head_size]
-        for h in self._starters:
+        for i, h in self._starters:
             if h.file_start(info) is SKIP:
-                for started in self.handlers[:self.handlers.index(h)]:
+                for started in self.handlers[:i]:
                     started.file_skipped(info)
                 self._skipped = True
                 break
         return data
 
-    def _push(self, info: FileInfo, chunk: Optional[bytes], start: int) -> None:
-        """Pass ``chunk`` down the chain, from handler ``start`` on (after a
-        flushing handler, its tail goes only to the handlers after it)."""
-        for h in self._receivers if not start else _overriding(self.handlers[start:], "receive"):
+    def _push(self, info: FileInfo, chunk: Optional[bytes], receivers: List[UploadHandler]) -> None:
+        for h in receivers:
             chunk = h.receive(info, chunk)  # type: ignore[arg-type]
             if chunk is None:
                 return
