@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from typing import List, Tuple
 from wsgiref.headers import Headers
 
 import pytest
@@ -216,14 +217,17 @@ _SAMPLES = [
     b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504) + b"\xec\xa5\xc1\x00", b"\xef\xbb\xbf%PDF-1.7", b"gimp xcf v001", b"AC1018",
     b"\xce\xb2\xcf\x81", b"\xed\xab\xee\xdb", b"\xff\xf1\x50\x80", b"CWS\x09", b"NES\x1a",
     b"\x89LZO\x00\r\n\x1a\n", b"0&\xb2u\x8ef\xcf\x11\xa6\xd9", b"\x00\x00\x00\x0cjP  \r\n\x87\n\x00\x00\x00\x14ftypjp2 ",
+    # Magic numbers further in: tar's "ustar" at 257, DICOM's "DICM" after a
+    # 128-byte preamble, an EOT font's version at 8 and "LP" at 34, M4A both ways.
+    bytes(257) + b"ustar\x0000", bytes(128) + b"DICM", bytes(8) + b"\x02\x00\x01" + bytes(23) + b"LP",
+    b"\x00\x00\x00\x20ftypM4A ", b"M4A \x00\x00\x00\x00",
 ]
 
 
 @pytest.mark.parametrize("magic", _SAMPLES, ids=lambda m: m[:8].hex())
 def test_sniff_agrees_with_filetype_on_every_format_we_know(magic: bytes) -> None:
-    """The first-byte gates are read from filetype's own matchers: on a real
-    head of each format, the gate must hold the format's first byte and the
-    answer must be filetype's."""
+    """The gates are read from filetype's own matchers: on a real head of each
+    format, the format's gate must hold and the answer must be filetype's."""
     import filetype as ft
 
     from uploadkit import sniffing
@@ -233,7 +237,7 @@ def test_sniff_agrees_with_filetype_on_every_format_we_know(magic: bytes) -> Non
     assert kind is not None, f"no format recognised: the sample {magic!r} is wrong"
     assert sniff(head) == normalize_type(kind.mime)
     gate = sniffing._gate(kind)
-    assert gate is None or head[0] in gate
+    assert gate is None or any(head[offset] == value for offset, value in gate), gate
 
 
 def test_sniff_gates_are_read_from_most_matchers() -> None:
@@ -246,6 +250,39 @@ def test_sniff_gates_are_read_from_most_matchers() -> None:
     gated = [k for k in ft.TYPES if sniffing._gate(k) is not None]
     assert len(gated) >= len(ft.TYPES) // 2, [type(k).__name__ for k in ft.TYPES if k not in gated]
     assert sniff(b"\x00" * 64) is None and sniff(b"AC1018" + bytes(64)) == "image/vnd.dwg"
+    # Gates at later offsets are read too (a class constant such as Dcm.OFFSET
+    # included), and a byte-order mark the matcher skips widens its gate.
+    gates = {type(k).__name__: sniffing._gate(k) for k in ft.TYPES}
+    assert gates["Tar"] == {(257, 0x75)} and gates["Eot"] == {(34, 0x4C)}
+    assert gates["Dcm"] == {(128, 0x44)} and gates["Pdf"] == {(0, 0x25), (0, 0xEF)}
+
+
+# Every (offset, byte) pair some gate tests: bodies built on them reach the
+# matchers behind the gates, and the ones next to them.
+def _gate_pairs() -> List[Tuple[int, int]]:
+    import filetype as ft
+
+    from uploadkit import sniffing
+
+    pairs = {pair for k in ft.TYPES for pair in (sniffing._gate(k) or ())}
+    return sorted(pairs | {(o + 1, v) for o, v in pairs} | {(o, v ^ 1) for o, v in pairs})
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), sample=st.sampled_from([b""] + _SAMPLES), extra=st.integers(min_value=-8, max_value=400))
+def test_sniff_gives_filetypes_answer_near_the_gates(data: st.DataObject, sample: bytes, extra: int) -> None:
+    """Heads of a known format or of random bytes, cut short or not, with the
+    bytes some gates test set (or nearly set): the gated sniff must still give
+    filetype's answer."""
+    import filetype as ft
+
+    size = max(1, len(sample) + extra)
+    head = bytearray((sample + data.draw(st.binary(min_size=size, max_size=size)))[:size])
+    for offset, value in data.draw(st.lists(st.sampled_from(_gate_pairs()), max_size=4)):
+        if offset < size:
+            head[offset] = value
+    kind = ft.guess(bytes(head))
+    assert sniff(bytes(head)) == (None if kind is None else normalize_type(kind.mime))
 
 
 def test_stored_gates_are_what_filetypes_source_says() -> None:
@@ -261,5 +298,5 @@ def test_stored_gates_are_what_filetypes_source_says() -> None:
         pytest.skip(f"the stored table was read from another filetype or Python ({len(matching)} of "
                     f"{len(fresh)} matchers unchanged): regenerate it with tools/magic_gates.py")
     assert {k: _magic_gates.GATES[k] for k in fresh} == fresh
-    assert sniffing.render_gates_module().startswith('"""First-byte gates')
+    assert sniffing.render_gates_module().startswith('"""Gates of filetype')
     assert len(fresh) >= len(ft.TYPES) - 2  # the keys name every matcher's class

@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import mimetypes
 import textwrap
-from typing import Any, Dict, FrozenSet, List, Optional, Protocol, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Protocol, Tuple, Union
 
 import filetype
 
@@ -98,44 +98,71 @@ _ZIP_DOCUMENTS = frozenset([
 _EBML_TYPES = frozenset(["video/webm", "video/x-matroska"])
 
 
-def _first_bytes(expr: ast.expr) -> Optional[FrozenSet[int]]:
-    """The values of ``buf[0]`` for which ``expr`` can be true, or None when
-    the expression's shape does not tell (the matcher then always runs)."""
+#: A gate: (offset, byte) pairs, one of which a matcher needs to hold
+#: (``buf[offset] == byte``) before it can match; None: no gate is known.
+Gate = Optional[FrozenSet[Tuple[int, int]]]
+
+
+def _offset(node: ast.expr, names: Dict[str, Any]) -> Optional[int]:
+    """A subscript's index when it is a constant: a number, a class constant
+    such as ``Dcm.OFFSET``, or such a constant plus a number."""
+    if isinstance(node, ast.Constant):
+        value = node.value
+    elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        value = getattr(names.get(node.value.id), node.attr, None)
+    elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _offset(node.left, names), _offset(node.right, names)
+        value = None if left is None or right is None else left + right
+    else:
+        return None
+    return value if type(value) is int and value >= 0 else None
+
+
+def _pairs(expr: ast.expr, names: Dict[str, Any]) -> Gate:
+    """A gate that must hold for ``expr`` to be true, or None when its shape
+    does not tell."""
     if isinstance(expr, ast.BoolOp):
-        sets = [_first_bytes(v) for v in expr.values]
+        gates = [_pairs(v, names) for v in expr.values]
         if isinstance(expr.op, ast.And):
-            known = [x for x in sets if x is not None]
-            return frozenset.intersection(*known) if known else None
-        if any(x is None for x in sets):
+            # Every operand must hold: any one's gate will do. The cheapest to
+            # check is one on the first byte, then the one with fewest pairs.
+            known = [g for g in gates if g is not None]
+            return min(known, key=lambda g: (any(o for o, _ in g), len(g))) if known else None
+        if any(g is None for g in gates):
             return None
-        return frozenset().union(*sets)  # type: ignore[arg-type]
+        return frozenset().union(*gates)  # type: ignore[arg-type]
     if isinstance(expr, ast.Compare) and len(expr.ops) == 1 and isinstance(expr.ops[0], ast.Eq):
         left, right = expr.left, expr.comparators[0]
         if not (isinstance(left, ast.Subscript) and isinstance(left.value, ast.Name) and left.value.id == "buf"):
             return None
         index = left.slice
-        if isinstance(index, ast.Constant) and index.value == 0:
-            if isinstance(right, ast.Constant) and type(right.value) is int:
-                return frozenset([right.value])
+        if not isinstance(index, ast.Slice):  # buf[k] == byte
+            offset = _offset(index, names)
+            if offset is not None and isinstance(right, ast.Constant) and type(right.value) is int:
+                return frozenset([(offset, right.value)])
             return None
-        if isinstance(index, ast.Slice) and index.step is None and (
-                index.lower is None or (isinstance(index.lower, ast.Constant) and index.lower.value == 0)) \
-                and isinstance(index.upper, ast.Constant) and type(index.upper.value) is int \
-                and index.upper.value >= 1:
-            # buf[:k] == bytearray([a, ...]) or == b"..."
-            if isinstance(right, ast.Constant) and isinstance(right.value, bytes) and right.value:
-                return frozenset([right.value[0]])
-            if isinstance(right, ast.Call) and isinstance(right.func, ast.Name) and right.func.id == "bytearray" \
-                    and len(right.args) == 1 and isinstance(right.args[0], ast.List) and right.args[0].elts \
-                    and isinstance(right.args[0].elts[0], ast.Constant) \
-                    and type(right.args[0].elts[0].value) is int:
-                return frozenset([right.args[0].elts[0].value])
-        return None
+        # buf[a:b] == b"..." or == bytearray([x, ...]): equal only if buf[a] is the first.
+        offset = 0 if index.lower is None else _offset(index.lower, names)
+        if offset is None or index.step is not None or index.upper is None:
+            return None
+        first = _first_of(right)
+        return None if first is None else frozenset([(offset, first)])
     if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "startswith" \
             and isinstance(expr.func.value, ast.Name) and expr.func.value.id == "buf" and len(expr.args) == 1 \
-            and not expr.keywords and isinstance(expr.args[0], ast.Constant) \
-            and isinstance(expr.args[0].value, bytes) and expr.args[0].value:
-        return frozenset([expr.args[0].value[0]])
+            and not expr.keywords:
+        first = _first_of(expr.args[0])
+        return None if first is None else frozenset([(0, first)])
+    return None
+
+
+def _first_of(node: ast.expr) -> Optional[int]:
+    """The first byte of a literal ``b"..."`` or ``bytearray([x, ...])``."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, bytes) and node.value:
+        return node.value[0]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "bytearray" \
+            and len(node.args) == 1 and isinstance(node.args[0], ast.List) and node.args[0].elts \
+            and isinstance(node.args[0].elts[0], ast.Constant) and type(node.args[0].elts[0].value) is int:
+        return int(node.args[0].elts[0].value)
     return None
 
 
@@ -154,21 +181,35 @@ def _match_body(kind: Any) -> Optional[List[ast.stmt]]:
     return [st for st in func.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
 
 
-def _gate(kind: Any) -> Optional[FrozenSet[int]]:
-    """First bytes a filetype matcher can accept, read from its source: a
-    single ``return <test>``, or ``if <test>: ...`` then ``return False``.
-    Anything else, or no source at hand: None (always run). Reading the
-    matchers instead of copying their magic numbers keeps us right when
-    filetype changes."""
+def _is_false(st: ast.stmt) -> bool:
+    return isinstance(st, ast.Return) and isinstance(st.value, ast.Constant) and st.value.value is False
+
+
+def _gate(kind: Any) -> Gate:
+    """The gate of a filetype matcher, read from its source. Three shapes are
+    read: a single ``return <test>``; ``if <test>: ...`` then ``return
+    False``; and ``if <test>: buf = buf[k:]`` then ``return <test2>`` (skip a
+    byte-order mark), which needs one of the two tests' gates. Anything else,
+    or no source at hand: None (always run). Reading the matchers instead of
+    copying their magic numbers keeps us right when filetype changes."""
     body = _match_body(kind)
     if body is None:
         return None
+    names = type(kind).match.__globals__
     if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
-        return _first_bytes(body[0].value)
-    if len(body) == 2 and isinstance(body[0], ast.If) and not body[0].orelse \
-            and isinstance(body[1], ast.Return) and isinstance(body[1].value, ast.Constant) \
-            and body[1].value.value is False:
-        return _first_bytes(body[0].test)
+        return _pairs(body[0].value, names)
+    if len(body) != 2 or not isinstance(body[0], ast.If) or body[0].orelse:
+        return None
+    test, then, last = body[0].test, body[0].body, body[1]
+    if _is_false(last):
+        return _pairs(test, names)
+    if isinstance(last, ast.Return) and last.value is not None and len(then) == 1 \
+            and isinstance(then[0], ast.Assign) and len(then[0].targets) == 1 \
+            and isinstance(then[0].targets[0], ast.Name) and then[0].targets[0].id == "buf" \
+            and isinstance(then[0].value, ast.Subscript) and isinstance(then[0].value.value, ast.Name) \
+            and then[0].value.value.id == "buf":
+        skipped, rest = _pairs(test, names), _pairs(last.value, names)
+        return None if skipped is None or rest is None else skipped | rest
     return None
 
 
@@ -193,18 +234,28 @@ except (ImportError, AttributeError):  # pragma: no cover - another filetype lay
     _IS_ISOBMFF = object()
 
 def fingerprint(kind: Any) -> str:
-    """A digest of a matcher's compiled code: equal digests, equal behaviour."""
-    code = type(kind).match.__code__
-    return hashlib.sha256(repr((code.co_code, code.co_consts, code.co_names)).encode()).hexdigest()[:16]
+    """A digest of a matcher's compiled code and of the class constants it can
+    name (``Dcm.OFFSET``): equal digests, equal behaviour."""
+    fn = type(kind).match
+    code = fn.__code__
+    constants = []
+    for name in code.co_names:
+        named = fn.__globals__.get(name)
+        if isinstance(named, type):
+            constants.append((name, sorted((k, v) for k, v in vars(named).items() if type(v) in (int, bytes))))
+    return hashlib.sha256(repr((code.co_code, code.co_consts, code.co_names, constants)).encode()).hexdigest()[:16]
 
 
-def derive_gates() -> Dict[str, Tuple[str, Optional[Tuple[int, ...]], bool]]:
+StoredGate = Tuple[str, Optional[Tuple[Tuple[int, int], ...]], bool]
+
+
+def derive_gates() -> Dict[str, StoredGate]:
     """Every matcher's gate, read from filetype's source (tens of milliseconds):
     what :mod:`uploadkit._magic_gates` stores, keyed by the matcher's class."""
     table = {}
     for kind in filetype.TYPES:
-        firsts = _gate(kind)
-        table[_class_key(kind)] = (fingerprint(kind), None if firsts is None else tuple(sorted(firsts)),
+        gate = _gate(kind)
+        table[_class_key(kind)] = (fingerprint(kind), None if gate is None else tuple(sorted(gate)),
                                    _needs_ftyp(kind))
     return table
 
@@ -213,12 +264,12 @@ def _class_key(kind: Any) -> str:
     return f"{type(kind).__module__}.{type(kind).__qualname__}"
 
 
-def _load_gates() -> Dict[int, Tuple[Optional[FrozenSet[int]], bool]]:
+def _load_gates() -> Dict[int, Tuple[Gate, bool]]:
     """Gates from the stored table where the matcher's code is the one it was
     read from; read afresh from the source for any other (a newer filetype)."""
     from ._magic_gates import GATES
 
-    out: Dict[int, Tuple[Optional[FrozenSet[int]], bool]] = {}
+    out: Dict[int, Tuple[Gate, bool]] = {}
     for kind in filetype.TYPES:
         stored = GATES.get(_class_key(kind))
         if stored is not None and stored[0] == fingerprint(kind):
@@ -228,32 +279,56 @@ def _load_gates() -> Dict[int, Tuple[Optional[FrozenSet[int]], bool]]:
     return out
 
 
+#: Checks made before a matcher runs: (offset, bytes) pairs, one of which must
+#: hold (``head[offset] in bytes``); None: run it.
+_Checks = Optional[Tuple[Tuple[int, FrozenSet[int]], ...]]
+
 #: (first byte, ZIP magic, EBML magic, ftyp box) -> the matchers that can match,
-#: in filetype's order; filled for all 256 first bytes on the first sniff.
-_CANDIDATES: Dict[Tuple[int, bool, bool, bool], Tuple[Any, ...]] = {}
+#: in filetype's order, each with the checks its gate needs beyond the first
+#: byte; filled for all 256 first bytes on the first sniff.
+_CANDIDATES: Dict[Tuple[int, bool, bool, bool], Tuple[Tuple[Any, _Checks], ...]] = {}
+
+
+def _checks(gate: Gate, first: int) -> Union[_Checks, bool]:
+    """What is left of ``gate`` to check once the first byte is ``first``:
+    None (nothing: run the matcher), the checks at later offsets, or False (it
+    cannot match)."""
+    if gate is None or (0, first) in gate:
+        return None
+    later: Dict[int, set[int]] = {}
+    for offset, value in gate:
+        if offset:
+            later.setdefault(offset, set()).add(value)
+    if not later:
+        return False
+    return tuple((offset, frozenset(values)) for offset, values in sorted(later.items()))
 
 
 def _build_candidates() -> None:
     gates = _load_gates()
-    table: Dict[Tuple[int, bool, bool, bool], List[Any]] = {
+    table: Dict[Tuple[int, bool, bool, bool], List[Tuple[Any, _Checks]]] = {
         (b, z, e, f): [] for b in range(256) for z in (False, True) for e in (False, True) for f in (False, True)
         if (not z or b == _ZIP_MAGIC[0]) and (not e or b == _EBML_MAGIC[0])}
     for kind in filetype.TYPES:
-        firsts, isobmff = gates[id(kind)]
+        gate, isobmff = gates[id(kind)]
         needs_zip = kind.mime in _ZIP_DOCUMENTS
         needs_ebml = kind.mime in _EBML_TYPES
         if needs_zip:
-            firsts = frozenset([_ZIP_MAGIC[0]])
+            gate = frozenset([(0, _ZIP_MAGIC[0])])
         elif needs_ebml:
-            firsts = frozenset([_EBML_MAGIC[0]])
-        for b in range(256) if firsts is None else firsts:
+            gate = frozenset([(0, _EBML_MAGIC[0])])
+        for b in range(256):
+            checks = _checks(gate, b)
+            if checks is False:
+                continue
             for zipped in (False, True) if b == _ZIP_MAGIC[0] else (False,):
                 for ebml in (False, True) if b == _EBML_MAGIC[0] else (False,):
                     if (needs_zip and not zipped) or (needs_ebml and not ebml):
                         continue
+                    entry = (kind, checks)
                     if not isobmff:
-                        table[b, zipped, ebml, False].append(kind)
-                    table[b, zipped, ebml, True].append(kind)
+                        table[b, zipped, ebml, False].append(entry)
+                    table[b, zipped, ebml, True].append(entry)
     _CANDIDATES.update((key, tuple(kinds)) for key, kinds in table.items())
 
 
@@ -261,19 +336,26 @@ def sniff(head: bytes) -> Optional[str]:
     """The MIME type the bytes declare by their magic number, or None.
 
     The same answer as ``filetype.guess(head)``, about ten times faster on bytes
-    that match nothing: only the matchers that can accept the first byte run.
+    that match nothing: a matcher runs only when the bytes at the offsets it
+    tests first (read from its code) can pass.
     """
     if not head:
         return None
     if len(head) > HEAD_SIZE:
         head = head[:HEAD_SIZE]
+    size = len(head)
     zipped = head.startswith(_ZIP_MAGIC)
     ebml = head.startswith(_EBML_MAGIC)
     ftyp = head.startswith(b"ftyp", 4)
     if not _CANDIDATES:
         _build_candidates()
-    kinds = _CANDIDATES[head[0], zipped, ebml, ftyp]
-    for kind in kinds:
+    for kind, checks in _CANDIDATES[head[0], zipped, ebml, ftyp]:
+        if checks is not None:
+            for offset, values in checks:
+                if offset < size and head[offset] in values:
+                    break
+            else:
+                continue
         if kind.match(head):
             mime: str = kind.mime
             return _ALIASES.get(mime, mime)
@@ -339,18 +421,18 @@ def render_gates_module() -> str:
     import sys
 
     lines = [
-        '"""First-byte gates of filetype\'s matchers, read from its source by',
+        '"""Gates of filetype\'s matchers, read from its source by',
         "``uploadkit.sniffing.derive_gates()``. Generated: when filetype changes, run",
         "``python tools/magic_gates.py > uploadkit/_magic_gates.py``. Each entry: the",
-        "fingerprint of the matcher's code it was read from, the first bytes it can",
-        "accept (None: any), and whether it needs an ISO ``ftyp`` box. A matcher whose",
-        "code differs from its fingerprint is read afresh, so a stale table is slow,",
-        'never wrong."""',
+        "fingerprint of the matcher's code it was read from, its gate (the (offset,",
+        "byte) pairs one of which must hold before it can match; None: always run it),",
+        "and whether it needs an ISO ``ftyp`` box. A matcher whose code differs from",
+        'its fingerprint is read afresh, so a stale table is slow, never wrong."""',
         "",
         "from typing import Dict, Optional, Tuple",
         "",
         f"#: Read from filetype {filetype.__version__} on Python {sys.version_info[0]}.{sys.version_info[1]}.",
-        "GATES: Dict[str, Tuple[str, Optional[Tuple[int, ...]], bool]] = {",
+        "GATES: Dict[str, Tuple[str, Optional[Tuple[Tuple[int, int], ...]], bool]] = {",
     ]
     lines += [f"    {key!r}: {value!r}," for key, value in derive_gates().items()]
     return "\n".join(lines + ["}", ""])
