@@ -96,6 +96,23 @@ def test_temp_file_handler_alone_keeps_empty_files_too(tmp_path: Any) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_temp_file_names_taken_by_someone_else_are_left_alone(tmp_path: Any) -> None:
+    """A request's temp files share one random prefix; a name already taken
+    (another process, a stale file) draws a new prefix, and the file that was
+    there is neither overwritten nor removed."""
+    handler = TempFileHandler(str(tmp_path))
+    base = handler._new_base()
+    squatter = tmp_path / os.path.basename(f"{base}0.part")
+    squatter.write_bytes(b"not ours")
+    p = run(file_part("a", "a.bin", b"first") + file_part("b", "b.bin", b"second") + end(), [handler])
+    paths = [f.path or "" for f in p.ctx.files]
+    assert [f.read() for f in p.ctx.files] == [b"first", b"second"]
+    assert str(squatter) not in paths and all(not path.startswith(base) for path in paths)
+    assert os.path.dirname(paths[0]) == str(tmp_path) and paths[0].rsplit("-", 1)[0] == paths[1].rsplit("-", 1)[0]
+    p.close()
+    assert os.listdir(tmp_path) == [squatter.name] and squatter.read_bytes() == b"not ours"
+
+
 class Boom(UploadHandler):
     """Raises from the hook named ``where`` on the file named ``on`` (or at request_end)."""
 

@@ -343,16 +343,21 @@ class TempFileHandler(UploadHandler):
         self._size = 0
         # One random token a request and a counter: as unguessable as mkstemp's
         # names, without drawing six random letters for every file.
-        self._token = secrets.token_hex(8)
+        self._base = ""
+
+    def _new_base(self) -> str:
+        directory = self.tempdir or tempfile.gettempdir()
+        self._base = os.path.join(directory, f"{self.prefix}{secrets.token_hex(8)}-")
+        return self._base
 
     def _open(self) -> int:
-        directory = self.tempdir or tempfile.gettempdir()
+        base = self._base or self._new_base()
         for _ in range(100):
-            path = os.path.join(directory, f"{self.prefix}{self._token}-{len(self.paths)}.part")
+            path = f"{base}{len(self.paths)}.part"
             try:
                 fd = os.open(path, _CREATE_FLAGS, 0o600)
             except FileExistsError:
-                self._token = secrets.token_hex(8)
+                base = self._new_base()
                 continue
             except OSError as exc:
                 raise StorageUnavailable(f"cannot create a temp file: {exc.strerror or exc}") from None
