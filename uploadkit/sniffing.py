@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import mimetypes
 import textwrap
-from typing import Any, Dict, FrozenSet, List, Optional, Protocol, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Literal, Optional, Protocol, Tuple, Union
 
 import filetype
 
@@ -289,7 +289,7 @@ _Checks = Optional[Tuple[Tuple[int, FrozenSet[int]], ...]]
 _CANDIDATES: Dict[Tuple[int, bool, bool, bool], Tuple[Tuple[Any, _Checks], ...]] = {}
 
 
-def _checks(gate: Gate, first: int) -> Union[_Checks, bool]:
+def _checks(gate: Gate, first: int) -> Union[_Checks, Literal[False]]:
     """What is left of ``gate`` to check once the first byte is ``first``:
     None (nothing: run the matcher), the checks at later offsets, or False (it
     cannot match)."""
