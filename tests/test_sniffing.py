@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import zipfile
 from typing import List, Tuple
@@ -258,7 +259,9 @@ def test_sniff_gates_are_read_from_most_matchers() -> None:
 
 
 # Every (offset, byte) pair some gate tests: bodies built on them reach the
-# matchers behind the gates, and the ones next to them.
+# matchers behind the gates, and the ones next to them. Read once: it parses
+# every matcher's source.
+@functools.lru_cache(maxsize=None)
 def _gate_pairs() -> List[Tuple[int, int]]:
     import filetype as ft
 

@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import mimetypes
 import textwrap
-from typing import Any, Dict, FrozenSet, List, Literal, Optional, Protocol, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Optional, Protocol, Tuple
 
 import filetype
 
@@ -289,18 +289,12 @@ _Checks = Optional[Tuple[Tuple[int, FrozenSet[int]], ...]]
 _CANDIDATES: Dict[Tuple[int, bool, bool, bool], Tuple[Tuple[Any, _Checks], ...]] = {}
 
 
-def _checks(gate: Gate, first: int) -> Union[_Checks, Literal[False]]:
-    """What is left of ``gate`` to check once the first byte is ``first``:
-    None (nothing: run the matcher), the checks at later offsets, or False (it
-    cannot match)."""
-    if gate is None or (0, first) in gate:
-        return None
+def _later_checks(gate: FrozenSet[Tuple[int, int]]) -> Tuple[Tuple[int, FrozenSet[int]], ...]:
+    """The pairs of ``gate`` past the first byte, grouped by offset."""
     later: Dict[int, set[int]] = {}
     for offset, value in gate:
         if offset:
             later.setdefault(offset, set()).add(value)
-    if not later:
-        return False
     return tuple((offset, frozenset(values)) for offset, values in sorted(later.items()))
 
 
@@ -317,9 +311,12 @@ def _build_candidates() -> None:
             gate = frozenset([(0, _ZIP_MAGIC[0])])
         elif needs_ebml:
             gate = frozenset([(0, _EBML_MAGIC[0])])
+        later = () if gate is None else _later_checks(gate)
         for b in range(256):
-            checks = _checks(gate, b)
-            if checks is False:
+            # Run it outright when the first byte passes its gate (or it has
+            # none); else only when a later byte can pass.
+            checks: _Checks = None if gate is None or (0, b) in gate else later
+            if checks == ():
                 continue
             for zipped in (False, True) if b == _ZIP_MAGIC[0] else (False,):
                 for ebml in (False, True) if b == _EBML_MAGIC[0] else (False,):
