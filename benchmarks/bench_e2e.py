@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import (
     MB,
@@ -145,18 +145,20 @@ class Server:
         except OSError:
             return []
 
-    def worker_cpu_seconds(self) -> Optional[float]:
-        """User + system time the workers used so far, all threads."""
-        total, found = 0.0, False
+    def worker_cpu_seconds(self) -> Optional[Tuple[float, float]]:
+        """User and system time the workers used so far, all threads."""
+        user = system = 0.0
+        found = False
         for pid in self.workers():
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+            user += int(fields[11]) / _CLOCK_TICKS  # utime
+            system += int(fields[12]) / _CLOCK_TICKS  # stime
             found = True
-        return total if found else None
+        return (user, system) if found else None
 
     def worker_peak_rss_kib(self) -> Optional[int]:
         """VmHWM of the worker(s)."""
@@ -202,6 +204,8 @@ class Result:
     seconds: List[float] = field(default_factory=list)
     mbps: List[float] = field(default_factory=list)
     cpu: List[float] = field(default_factory=list)
+    #: The system part of each ``cpu``.
+    system: List[float] = field(default_factory=list)
     rss_kib: Optional[int] = None
     error: Optional[str] = None
 
@@ -263,9 +267,13 @@ def run(apps: Sequence[App], size: int, runs: int, workdir: str) -> List[Result]
                     cpu_before = server.worker_cpu_seconds()
                     r.mbps.append(upload(server, payload, size, timeout))
                     cpu_after = server.worker_cpu_seconds()
+                    used = ""
                     if cpu_before is not None and cpu_after is not None:
-                        r.cpu.append(cpu_after - cpu_before)
-                    log(f"[e2e] run {i + 1}/{runs} {r.app.key}: {r.mbps[-1]:.0f} MB/s")
+                        user, system = (a - b for a, b in zip(cpu_after, cpu_before))
+                        r.cpu.append(user + system)
+                        r.system.append(system)
+                        used = f", worker CPU {user + system:.2f} s ({system:.2f} s system)"
+                    log(f"[e2e] run {i + 1}/{runs} {r.app.key}: {r.mbps[-1]:.0f} MB/s{used}")
                 except Exception as exc:
                     r.error = str(exc)[:300]
                     log(f"[e2e] {r.app.key}: {r.error} {server.log_tail()}")
@@ -291,16 +299,16 @@ def report(results: Sequence[Result], size: int, runs: int, quick: bool) -> str:
         if r.error:
             rows.append([r.app.label, "error", "", "", "", "", r.error[:120]])
             continue
-        cpu = f"{median(r.cpu):.2f}" if r.cpu else "n/a"
+        cpu = f"{median(r.cpu):.2f} ({median(r.system):.2f})" if r.cpu else "n/a"
         rows.append([r.app.label, fmt_rate(r.rate), cpu, fmt_mib(r.rss_kib),
                      fmt_ratio(ratio(r.app.key, "read-1m")), fmt_ratio(ratio(r.app.key, "django")), ""])
     out = [f"## End to end behind gunicorn ({'quick' if quick else 'full'} run: median of {runs})", "",
            environment_line() + ".  ", versions() + ".", "",
            f"curl uploads one {size // MiB} MiB file (`-F file=@...`, no `Expect: 100-continue`) to "
            "gunicorn (1 sync worker) on 127.0.0.1; MB/s = request body bytes (10^6) per second as timed "
-           "by curl; worker CPU s = the worker's user + system time per upload (less sensitive to "
-           "other load than MB/s); peak RSS = the worker's VmHWM.", "",
-           md_table(["app", "MB/s", "worker CPU s", "worker peak RSS", "vs read-only (1 MiB)", "vs Django",
+           "by curl; worker CPU s = the worker's user + system time per upload, its system part in "
+           "brackets (less sensitive to other load than MB/s); peak RSS = the worker's VmHWM.", "",
+           md_table(["app", "MB/s", "worker CPU s (system)", "worker peak RSS", "vs read-only (1 MiB)", "vs Django",
                      "note"], rows, "lrrrrrl"), ""]
     checks = []
     value = ratio("uploadkit", "django")

@@ -25,6 +25,7 @@ from uploadkit.handlers import (
     MemoryHandler,
     QuotaHandler,
     SniffingHandler,
+    WRITE_SIZE,
     TempFileHandler,
     UploadHandler,
 )
@@ -209,6 +210,38 @@ def test_a_temp_file_write_that_fails_is_503_and_leaves_nothing(tmp_path: Any, r
     assert outcome["code"] == "storage_unavailable" and outcome["status"] == 503, outcome
     assert "writing a temp file failed" in outcome["message"]
     assert os.listdir(tempdir) == []
+
+
+@pytest.mark.parametrize("short", [False, True], ids=["whole writes", "short writes"])
+@pytest.mark.parametrize("sink", ["temp file", "local storage"])
+def test_megabyte_chunks_reach_the_disk_in_small_writes(tmp_path: Any, monkeypatch: Any, sink: str,
+                                                        short: bool) -> None:
+    """Chunks of a megabyte go to the kernel WRITE_SIZE bytes at a time, and a
+    write the kernel cuts short (a signal, a filling disk) resumes where it
+    stopped: the file holds every byte, once."""
+    from uploadkit.storage import Storage
+
+    asked: List[int] = []
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        asked.append(len(data))
+        return real_write(fd, data[:1000] if short else data)
+
+    data = _pattern(3 * MiB + 5)
+    handler = TempFileHandler(str(tmp_path)) if sink == "temp file" else Storage(str(tmp_path / "media")).handler()
+    monkeypatch.setattr(os, "write", write)
+    p = run(file_part("f", "f.bin", data) + end(), [handler], read_size=1 << 20)
+    monkeypatch.undo()
+    (f,) = p.ctx.files
+    assert f.size == len(data) and f.read() == data
+    assert max(asked) == WRITE_SIZE
+    if short:
+        assert len(asked) >= len(data) // 1000
+    else:
+        # Full pieces, but for the tail of each chunk the parser passed on (one per read).
+        assert sum(asked) == len(data) and sum(n < WRITE_SIZE for n in asked) <= 5
+    p.close()
 
 
 # -- HashingHandler -----------------------------------------------------------------

@@ -68,7 +68,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from .errors import BadKey, FileExists, StorageUnavailable, UploadError
 from .files import FileInfo, UploadedFile
 from .filenames import sanitize_filename
-from .handlers import UploadHandler
+from .handlers import UploadHandler, write_all
 from .sniffing import extension_type
 
 log = logging.getLogger("uploadkit")
@@ -450,24 +450,23 @@ class _LocalPendingWrite(PendingWrite):
 
     def __init__(self, storage: "Storage", key: Optional[str], collision: Collision) -> None:
         super().__init__(storage, key, collision)
-        self._file: Optional[IO[bytes]] = None
+        self._fd = -1
         tmp_dir = storage._local_path(storage.temp_dir)
         self._tmp = os.path.join(tmp_dir, uuid.uuid4().hex + ".part")
         with _guard("start writing", key or "(upload)"):
             os.makedirs(tmp_dir, exist_ok=True)
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            self._file = os.fdopen(fd, "wb")
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
 
     def _write(self, data: bytes) -> None:
-        assert self._file is not None
+        assert self._fd >= 0
         with _guard("write", self.key or "(upload)"):
-            self._file.write(data)
+            write_all(self._fd, data)
 
     def _finish(self) -> None:
-        f, self._file = self._file, None
-        if f is not None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
             with _guard("write", self.key or "(upload)"):
-                f.close()
+                os.close(fd)
 
     def _place(self, key: str) -> str:
         storage = self.storage
@@ -489,10 +488,10 @@ class _LocalPendingWrite(PendingWrite):
                 key = self._next_name(key)
 
     def _discard(self) -> None:
-        f, self._file = self._file, None
-        if f is not None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
             try:
-                f.close()
+                os.close(fd)
             except OSError:
                 pass
         _unlink(self._tmp)
