@@ -331,8 +331,9 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 
 #: extra all in copying into fresh page-cache pages, while 64 KiB writes stayed
 #: at 0.10 to 0.18 s over 25 uploads. Our reading: the kernel backs a larger
 #: write with larger page-cache folios, taken from free memory the host must
-#: fault in again. Smaller writes cost about 6 ms more per 256 MiB where no
-#: such effect exists (benchmarks/README.md).
+#: fault in again. Where that never happens, smaller writes cost about 10 ms
+#: more per 256 MiB on ext4 (a parse took 125 ms instead of 114) and nothing
+#: measurable on tmpfs (benchmarks/README.md).
 WRITE_SIZE = 64 * 1024
 
 
