@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import json
 import zipfile
-from typing import List, Tuple
+from typing import Any, List, Tuple
 from wsgiref.headers import Headers
 
 import pytest
+import requests
 from PIL import Image
 
+from tests.support.wsgi import wsgi_server  # noqa: F401  (first: imports webob quietly)
 from uploadkit.errors import UnsupportedType
 from uploadkit.files import FileInfo
 from uploadkit.handlers import SniffingHandler
@@ -267,7 +271,7 @@ def _gate_pairs() -> List[Tuple[int, int]]:
 
     from uploadkit import sniffing
 
-    pairs = {pair for k in ft.TYPES for pair in (sniffing._gate(k) or ())}
+    pairs = {pair for k in ft.TYPES for pair in (sniffing._gate(k) or ())} | sniffing._ZSTD_GATE
     return sorted(pairs | {(o + 1, v) for o, v in pairs} | {(o, v ^ 1) for o, v in pairs})
 
 
@@ -286,6 +290,102 @@ def test_sniff_gives_filetypes_answer_near_the_gates(data: st.DataObject, sample
             head[offset] = value
     kind = ft.guess(bytes(head))
     assert sniff(bytes(head)) == (None if kind is None else normalize_type(kind.mime))
+
+
+# -- Zstandard's skippable frames -------------------------------------------------
+
+_SKIPPABLE = b"\x50\x2a\x4d\x18"  # a skippable frame's magic, little-endian
+_ZSTD = b"\x28\xb5\x2f\xfd"
+_EMPTY_FRAMES = (_SKIPPABLE + bytes(4)) * 1024  # 8 KiB: one matcher call each, in filetype
+
+
+def test_a_head_of_skippable_frames_is_walked_not_recursed() -> None:
+    """filetype's Zstd matcher calls itself once a frame: a head of 1,024 empty
+    frames ran out of stack. Ours walks them and still finds the frame after."""
+    assert sniff(_EMPTY_FRAMES) is None
+    assert sniff(_EMPTY_FRAMES[:-8] + _ZSTD) == "application/zstd"
+    assert sniff((_SKIPPABLE + b"\x05\x00\x00\x00" + b"hello") * 3 + _ZSTD + bytes(8)) == "application/zstd"
+
+
+@pytest.mark.parametrize("head", [
+    bytes([first]) + _ZSTD[1:] + bytes(8) for first in (0x21, 0x22, 0x27, 0x28, 0x29)] + [
+    b"\x4f\x2a\x4d\x18" + bytes(4) + _ZSTD,  # not a skippable frame: the walk stops
+    b"\x60\x2a\x4d\x18" + bytes(4) + _ZSTD,
+    b"\x5f\x2a\x4d\x18" + bytes(4) + _ZSTD,  # the last skippable magic
+    _SKIPPABLE + b"\x04\x00\x00\x00" + b"abc" + _ZSTD,  # declared one byte longer than the data
+    _SKIPPABLE + b"\x02\x00\x00\x00" + b"abc" + _ZSTD,  # one byte shorter
+    _SKIPPABLE + b"\x04\x00\x00\x00" + b"abcd",  # fits, then nothing
+], ids=lambda h: h[:12].hex())
+def test_the_zstd_stand_in_at_the_edges(head: bytes) -> None:
+    import filetype as ft
+
+    from uploadkit import sniffing
+
+    zstd = next(k for k in ft.TYPES if type(k).__name__ == "Zstd")
+    assert sniffing._zstd_match(head) is zstd.match(head)
+
+
+def test_a_head_of_skippable_frames_uploads_through_a_real_server(wsgi_server: Any, tmp_path: Any) -> None:
+    """The head that ran filetype's matcher out of stack, through the default
+    chain behind a real server: stored whole, typed by what follows it."""
+    from uploadkit import UploadMiddleware
+
+    def app(environ: Any, start_response: Any) -> List[bytes]:
+        f = environ["uploadkit.files"]["f"]
+        body = json.dumps({"type": f.content_type, "size": f.size, "sha256": f.sha256}).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
+
+    server = wsgi_server(UploadMiddleware(app, progress=False, tempdir=str(tmp_path)))
+    for data, expected in ((_EMPTY_FRAMES + b"more", "application/octet-stream"),
+                           (_EMPTY_FRAMES[:-8] + _ZSTD + b"more", "application/zstd")):
+        r = requests.post(f"http://127.0.0.1:{server.port}/", timeout=10,
+                          files={"f": ("data.bin", data, "application/octet-stream")})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"type": expected, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_matcher_that_fails_counts_as_no_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With another filetype's Zstd matcher (the stand-in then steps aside),
+    filetype's own recursion fails on the deep head: the sniff says nothing
+    and the other matchers still answer."""
+    import filetype as ft
+
+    from uploadkit import sniffing
+
+    zstd = next(k for k in ft.TYPES if type(k).__name__ == "Zstd")
+    with pytest.raises(RecursionError):
+        zstd.match(_EMPTY_FRAMES[:-8] + _ZSTD)
+    monkeypatch.setattr(sniffing, "_ZSTD_SOURCE", "another filetype")
+    monkeypatch.setattr(sniffing, "_CANDIDATES", {})
+    assert sniff(_EMPTY_FRAMES[:-8] + _ZSTD) is None
+    assert sniff(_ZSTD + bytes(8)) == "application/zstd"
+    assert sniff(b"\x89PNG\r\n\x1a\n" + bytes(32)) == "image/png"
+
+
+# (first byte, data, slack): a first byte outside 0x50-0x5F is no skippable frame.
+_frames = st.lists(st.tuples(st.integers(0x48, 0x67), st.binary(max_size=24), st.integers(0, 30)), max_size=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(frames=_frames, last=st.sampled_from([b"", _ZSTD, b"\x22\xb5\x2f\xfd", b"\x29\xb5\x2f\xfd", b"\x28\xb5\x2f",
+                                              _SKIPPABLE, _SKIPPABLE + b"\xff\xff\xff\xff"]),
+       tail=st.binary(max_size=16))
+def test_the_zstd_stand_in_answers_as_filetypes_matcher(frames: List[Tuple[int, bytes, int]], last: bytes,
+                                                        tail: bytes) -> None:
+    """Chains of frames, skippable or not, whose declared sizes fit, fall
+    short or run past the head, then a frame or not: the loop agrees with
+    filetype's own matcher wherever that one has the stack to answer."""
+    import filetype as ft
+
+    from uploadkit import sniffing
+
+    head = b"".join(bytes([first]) + b"\x2a\x4d\x18" + (len(data) + slack - 15).to_bytes(4, "little", signed=True)
+                    + data for first, data, slack in frames) + last + tail
+    zstd = next(k for k in ft.TYPES if type(k).__name__ == "Zstd")
+    assert sniffing._zstd_match(head) == zstd.match(head)
+    kind = ft.guess(head)
+    assert sniff(head) == (None if kind is None else normalize_type(kind.mime))
 
 
 def test_stored_gates_are_what_filetypes_source_says() -> None:
