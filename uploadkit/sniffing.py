@@ -339,9 +339,7 @@ class _StandIn:
 
     def __init__(self, kind: Any, match: Any) -> None:
         self.mime = kind.mime
-        self.extension = kind.extension
         self.match = match
-        self.replaces = kind
 
 
 def _source_digest(cls: type) -> Optional[str]:
