@@ -244,6 +244,14 @@ class TcpProxy:
         for s in conns:
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                # A pipe thread blocked in send or recv on this socket keeps it
+                # alive past close(): both directions could stay blocked for
+                # ever (each end writing, neither reading), and the client
+                # would wait on a connection nobody ends. shutdown() wakes them.
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
                 s.close()  # linger 0: a reset, like a dead server
             except OSError:
                 pass
@@ -637,7 +645,11 @@ def wait_final(port: int, progress_id: str, timeout: float = 30.0) -> Dict[str, 
 
 def settle(port: int, up: Upload, timeout: float = 60.0) -> Upload:
     """Record in ``up`` its final progress status, read right after its answer."""
-    up.final = wait_final(port, up.progress_id, timeout)
+    try:
+        up.final = wait_final(port, up.progress_id, timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the upload's answer: status {up.status}, error {up.error}, "
+                             f"after {up.seconds:.1f} s, from worker {up.worker}") from None
     return up
 
 
