@@ -15,6 +15,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import signal
@@ -32,10 +33,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tests.support.cluster import (KiB, MiB, REPO_ROOT, Cluster, ConnectionDropped, MotoProcess,  # noqa: F401
                                    TcpProxy, Upload, build_body, http_post, module_memcached, moto_process,
-                                   plan_sizes, progress_of, run_upload, send_partial, settle)
+                                   payload, plan_sizes, progress_of, run_upload, send_partial, settle)
 from tests.support.memcached import MemcachedServer, memcached_server  # noqa: F401
 from uploadkit import cli
 from uploadkit.middleware import UploadMiddleware
+from uploadkit.multipart import encode_multipart
 from uploadkit.progress import MemoryStore, ProgressSettings
 from uploadkit.server import BackgroundServer
 from uploadkit.storage import Storage
@@ -338,6 +340,12 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
             with ThreadPoolExecutor(4) as pool:
                 done += list(pool.map(lambda u: settle(cluster.port, run_upload(cluster.port, u)), after))
             finals = {u.progress_id: u.final for u in done}
+            # A refused upload whose copy landed unanswered in the outage is
+            # removed by its worker once S3 answers again, in the background.
+            stored = {"uploads/" + u.answer["files"][0]["key"] for u in done if u.status == 200}
+            deadline = time.monotonic() + 30
+            while _orphans(moto_process, bucket, stored) and time.monotonic() < deadline:
+                time.sleep(0.2)
             log_tail = cluster.log_tail()
             elapsed = time.monotonic() - started
     finally:
@@ -356,9 +364,7 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
     # Nothing under a final key but the accepted uploads: a refused upload
     # never leaves its file stored (see
     # test_commit_cut_between_copy_and_delete_leaves_no_orphan).
-    orphans = sorted(set(k for k in moto_process.keys(bucket, "uploads/") if "/.uploadkit-tmp/" not in k)
-                     - {"uploads/" + u.answer["files"][0]["key"] for u in ok})
-    assert orphans == []
+    assert _orphans(moto_process, bucket, {"uploads/" + u.answer["files"][0]["key"] for u in ok}) == [], log_tail
     check_stored(moto_process, bucket, ok)
     # What the failed uploads could not remove while S3 was down (aborting a
     # multipart upload needs S3 too) is reclaimed by the cleanup command.
@@ -374,6 +380,11 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
     assert moto_process.keys(bucket, "uploads/.uploadkit-tmp/") == {}
     assert moto_process.pending_uploads(bucket) == []
     check_stored(moto_process, bucket, ok)
+
+
+def _orphans(moto: MotoProcess, bucket: str, stored: set) -> List[str]:
+    """Keys under the final prefix that no accepted upload answered with."""
+    return sorted(set(k for k in moto.keys(bucket, "uploads/") if "/.uploadkit-tmp/" not in k) - stored)
 
 
 class ObjectStoreLikeFileSystem(LocalFileSystem):
@@ -427,6 +438,75 @@ def test_commit_cut_between_copy_and_delete_leaves_no_orphan(tmp_path: Any) -> N
     else:
         assert status == 503 and json.loads(raw)["error"]["code"] == "storage_unavailable"
         assert finals == [], f"a refused upload is stored anyway: {finals}"
+
+
+class UnansweredCopyFileSystem(ObjectStoreLikeFileSystem):
+    """An object store going down mid-commit: each copy follows ``plan`` (``ok``;
+    ``lost``: it lands but its answer never comes; ``refused``: it does not
+    land), and while ``down`` is set every delete fails."""
+
+    protocol = "unanswered"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plan: List[str] = []
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        path = str(path)
+        return LocalFileSystem._strip_protocol(path[len("unanswered://"):] if path.startswith("unanswered://")
+                                               else path)
+
+    def cp_file(self, path1: Any, path2: Any, **kwargs: Any) -> None:
+        step = self.plan.pop(0) if self.plan else "ok"
+        if step == "refused":
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        super().cp_file(path1, path2, **kwargs)
+        if step == "lost":
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    def rm_file(self, path: Any) -> None:
+        if self.down:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        LocalFileSystem.rm_file(self, path)
+
+
+fsspec.register_implementation("unanswered", UnansweredCopyFileSystem, clobber=True)
+
+
+def _final_keys(root: Any) -> List[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names
+                  if ".uploadkit-tmp" not in d)
+
+
+@pytest.mark.parametrize("plan, files", [(["lost"], 1), (["ok", "refused"], 2)],
+                         ids=["a copy that landed unanswered", "a file committed before the refusal"])
+def test_what_a_refused_upload_left_in_an_outage_goes_once_storage_is_back(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture, plan: List[str], files: int) -> None:
+    """The refusal cannot undo its commit while the store is down; the delete is
+    retried in the background and lands once the store answers again."""
+    root = tmp_path / "store"
+    storage = Storage(f"unanswered://{root}", storage_options={"skip_instance_cache": True}, object_store=True)
+    fs = storage.fs
+    assert isinstance(fs, UnansweredCopyFileSystem)
+    fs.plan, fs.down = list(plan), True
+    app = UploadMiddleware(_files_app, storage=storage, progress=False)
+    body, ctype = encode_multipart([], [(f"f{i}", f"f{i}.bin", "application/octet-stream", payload(50 * KiB, i))
+                                        for i in range(files)])
+    with caplog.at_level(logging.INFO, logger="uploadkit"):
+        status, raw = wsgi_call(app, {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "CONTENT_TYPE": ctype,
+                                      "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)})
+        assert status == 503 and json.loads(raw)["error"]["code"] == "storage_unavailable"
+        assert len(_final_keys(root)) == 1, "the outage should have left one file under a final key"
+        assert "retrying in the background" in caplog.text
+        fs.down = False
+        deadline = time.monotonic() + 10
+        while _final_keys(root) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _final_keys(root) == []
+        while "which a refused upload left" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "which a refused upload left while storage was down" in caplog.text
 
 
 def wsgi_call(app: Any, environ: Dict[str, Any]) -> Tuple[int, bytes]:

@@ -40,6 +40,7 @@ whatever was started has been removed.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -49,6 +50,7 @@ import secrets
 import stat
 import string
 import threading
+import time
 import unicodedata
 import uuid
 from contextlib import contextmanager
@@ -311,6 +313,85 @@ def _as_datetime(value: Any) -> Optional[datetime]:
 
 
 # -- pending writes ----------------------------------------------------------------
+
+
+class _Reaper:
+    """Retries, on a daemon thread, the deletes that undo a refused upload
+    while its store is down.
+
+    A copy whose answer was lost in an outage may still have landed, and a
+    file committed before a later refusal must go too; the delete that undoes
+    either fails for as long as the outage lasts. Each is retried with a
+    growing delay for ``patience`` seconds. A process that exits first leaves
+    the key behind; the warning logged when it was queued names it.
+    """
+
+    def __init__(self, patience: float = 900.0, first_delay: float = 0.5, max_delay: float = 15.0) -> None:
+        self.patience = patience
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self._cond = threading.Condition()
+        self._jobs: List[Tuple[float, float, float, str, Callable[[], None]]] = []  # due, delay, deadline...
+        self._thread: Optional[threading.Thread] = None
+
+    def remove(self, key: str, remove: Callable[[], None], holds: str = "holds") -> None:
+        """Undo a refused upload's file now or, while storage is down, later.
+        Never raises: abort paths call it."""
+        try:
+            remove()
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            log.warning("uploadkit: %r %s a refused upload and cannot be removed now (%s);"
+                        " retrying in the background", key, holds, _reason(exc))
+            self.add(key, remove)
+
+    def add(self, key: str, remove: Callable[[], None]) -> None:
+        """Call ``remove`` until it succeeds (or finds nothing to remove)."""
+        now = time.monotonic()
+        with self._cond:
+            self._jobs.append((now + self.first_delay, self.first_delay, now + self.patience, key, remove))
+            if self._thread is None or not self._thread.is_alive():  # none yet, or we were forked
+                self._thread = threading.Thread(target=self._run, name="uploadkit-reaper", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if not self._jobs:
+                        self._thread = None
+                        return
+                    now = time.monotonic()
+                    due = [job for job in self._jobs if job[0] <= now]
+                    if due:
+                        break
+                    self._cond.wait(min(job[0] for job in self._jobs) - now)
+                self._jobs = [job for job in self._jobs if job[0] > now]
+            for job in due:
+                self._try(job)
+
+    def _try(self, job: Tuple[float, float, float, str, Callable[[], None]]) -> None:
+        _, delay, deadline, key, remove = job
+        try:
+            remove()
+        except FileNotFoundError:  # the copy never landed, or someone removed it
+            return
+        except Exception as exc:
+            now = time.monotonic()
+            if now + delay > deadline:
+                log.warning("uploadkit: %r may hold a refused upload and could not be removed (%s);"
+                            " remove it by hand", key, _reason(exc))
+                return
+            delay = min(delay * 2, self.max_delay)
+            with self._cond:
+                self._jobs.append((now + delay, delay, deadline, key, remove))
+            return
+        log.info("uploadkit: removed %r, which a refused upload left while storage was down", key)
+
+
+_REAPER = _Reaper()
 
 
 class PendingWrite:
@@ -630,12 +711,8 @@ class _FsspecPendingWrite(PendingWrite):
             pass
         placing, self._placing = self._placing, None
         if placing is not None:
-            try:
-                self.storage.fs.rm_file(placing)
-            except FileNotFoundError:
-                pass
-            except Exception:  # abort paths must not raise
-                log.warning("uploadkit: %r may hold a refused upload; remove it by hand", placing)
+            fs = self.storage.fs
+            _REAPER.remove(placing, lambda: fs.rm_file(placing), holds="may hold")
 
 
 # -- the storage -------------------------------------------------------------------
@@ -1064,10 +1141,7 @@ class StorageHandler(UploadHandler):
             # since. It is left in place (it is a correct copy of its bytes).
             elif (pending.committed and not pending.deduplicated
                   and pending.collision not in ("overwrite", "dedup") and pending.final_key):
-                try:
-                    self.storage._remove(pending.final_key)
-                except Exception:
-                    pass
+                _REAPER.remove(pending.final_key, functools.partial(self.storage._remove, pending.final_key))
         self._files.clear()
 
 
