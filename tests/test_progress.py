@@ -248,6 +248,36 @@ def test_memcached_prefix_separates_sites(memcached_server: MemcachedServer) -> 
     b.close()
 
 
+def test_a_memcached_restart_costs_no_call(memcached_server: MemcachedServer,  # noqa: F811
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Once memcached is back, the connections pooled before its restart are
+    passed over: no call fails and the breaker stays closed, however many
+    connections several threads left in the pool."""
+    store = MemcachedStore(memcached_server.address)
+    ready = threading.Barrier(4)
+
+    def writer(i: int) -> None:
+        ready.wait(timeout=5)  # four calls at once: four pooled connections
+        store.set(f"restart-{i}", {"state": "uploading", "received": i}, 60)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    memcached_server.stop()
+    memcached_server.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="uploadkit"):
+            for i in range(4):
+                assert store.get(f"restart-{i}") is None  # a new, empty server
+            store.set("restart-after", {"state": "done"}, 60)
+            assert store.get("restart-after") == {"state": "done"}
+        assert store.available and "failed" not in caplog.text
+    finally:
+        store.close()
+
+
 def test_memcached_store_refuses_bad_ids_before_the_network() -> None:
     store = MemcachedStore("127.0.0.1:9")  # nothing listens there, nothing is sent
     for bad in ["a b", "x" * 65, "a\r\nflush_all"]:

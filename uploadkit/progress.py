@@ -335,7 +335,7 @@ class _Node:
                     probing = True
         from pymemcache.exceptions import MemcacheError
         try:
-            result = fn(self.client)
+            result = self._run(fn)
         except (MemcacheError, OSError) as exc:
             with self.lock:
                 was_down = self.down
@@ -353,6 +353,25 @@ class _Node:
                 self.down = False
             log.warning("uploadkit: progress store memcached %s is reachable again", self.name)
         return result
+
+    def _run(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn`` on a pooled connection, passing over the ones the server
+        closed. After memcached restarts, every idle connection in the pool
+        fails once (pymemcache then drops it); counted as an outage, each
+        would show a poll a 503 while the server is up."""
+        from pymemcache.exceptions import MemcacheUnexpectedCloseError
+
+        for _ in range(_STALE_TRIES):
+            try:
+                return fn(self.client)
+            except (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+                continue
+        return fn(self.client)
+
+
+#: Connections the server closed that one call passes over before it counts
+#: the server as down: more than a worker's pool holds in practice.
+_STALE_TRIES = 8
 
 
 class MemcachedStore:
