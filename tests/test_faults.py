@@ -400,8 +400,8 @@ class ObjectStoreLikeFileSystem(LocalFileSystem):
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> Any:
-        path = str(path)
-        return super()._strip_protocol(path[len("copydel://"):] if path.startswith("copydel://") else path)
+        path, prefix = str(path), f"{cls.protocol}://"
+        return LocalFileSystem._strip_protocol(path[len(prefix):] if path.startswith(prefix) else path)
 
     def mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: Any = None, **kwargs: Any) -> None:
         self.cp_file(path1, path2)
@@ -416,6 +416,11 @@ class ObjectStoreLikeFileSystem(LocalFileSystem):
 fsspec.register_implementation("copydel", ObjectStoreLikeFileSystem, clobber=True)
 
 
+def _final_keys(root: Any) -> List[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names
+                  if ".uploadkit-tmp" not in d)
+
+
 def test_commit_cut_between_copy_and_delete_leaves_no_orphan(tmp_path: Any) -> None:
     """Either the upload is stored (200, once, the leftover temp key left to
     ``uploadkit cleanup``) or refused (503) with no final key: never a refused
@@ -428,8 +433,7 @@ def test_commit_cut_between_copy_and_delete_leaves_no_orphan(tmp_path: Any) -> N
     body, ctype, digest = build_body(100 * KiB, 11)
     status, raw = wsgi_call(app, {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "CONTENT_TYPE": ctype,
                                   "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)})
-    finals = sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names
-                    if ".uploadkit-tmp" not in d)
+    finals = _final_keys(root)
     if status == 200:
         (key,) = [f["key"] for f in json.loads(raw)["files"]]
         assert finals == [key]
@@ -451,12 +455,6 @@ class UnansweredCopyFileSystem(ObjectStoreLikeFileSystem):
         super().__init__(**kwargs)
         self.plan: List[str] = []
 
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> Any:
-        path = str(path)
-        return LocalFileSystem._strip_protocol(path[len("unanswered://"):] if path.startswith("unanswered://")
-                                               else path)
-
     def cp_file(self, path1: Any, path2: Any, **kwargs: Any) -> None:
         step = self.plan.pop(0) if self.plan else "ok"
         if step == "refused":
@@ -472,11 +470,6 @@ class UnansweredCopyFileSystem(ObjectStoreLikeFileSystem):
 
 
 fsspec.register_implementation("unanswered", UnansweredCopyFileSystem, clobber=True)
-
-
-def _final_keys(root: Any) -> List[str]:
-    return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names
-                  if ".uploadkit-tmp" not in d)
 
 
 @pytest.mark.parametrize("plan, files", [(["lost"], 1), (["ok", "refused"], 2)],

@@ -315,6 +315,10 @@ def _as_datetime(value: Any) -> Optional[datetime]:
 # -- pending writes ----------------------------------------------------------------
 
 
+#: A delete the reaper retries: (when next, delay, give up at, key, the delete).
+_ReapJob = Tuple[float, float, float, str, Callable[[], None]]
+
+
 class _Reaper:
     """Retries, on a daemon thread, the deletes that undo a refused upload
     while its store is down.
@@ -331,7 +335,7 @@ class _Reaper:
         self.first_delay = first_delay
         self.max_delay = max_delay
         self._cond = threading.Condition()
-        self._jobs: List[Tuple[float, float, float, str, Callable[[], None]]] = []  # due, delay, deadline...
+        self._jobs: List[_ReapJob] = []
         self._thread: Optional[threading.Thread] = None
 
     def remove(self, key: str, remove: Callable[[], None], holds: str = "holds") -> None:
@@ -372,7 +376,7 @@ class _Reaper:
             for job in due:
                 self._try(job)
 
-    def _try(self, job: Tuple[float, float, float, str, Callable[[], None]]) -> None:
+    def _try(self, job: _ReapJob) -> None:
         _, delay, deadline, key, remove = job
         try:
             remove()
