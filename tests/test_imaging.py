@@ -369,6 +369,100 @@ def test_a_higher_limit_opens_without_pillows_warning() -> None:
     assert Image.MAX_IMAGE_PIXELS == 89478485  # read, never changed
 
 
+# -- today's phone photos: a budget on what is decoded, not on what is declared --------------
+
+#: A Pixel's 50 MP photo and a Galaxy Ultra's 200 MP one, as the sensor stores them.
+PHONE_SIZES = [(8160, 6144), (16320, 12240)]
+QUADRANTS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 40)]
+
+
+def _declared_jpeg(width: int, height: int, progressive: bool = False) -> bytes:
+    """A small real JPEG whose frame header declares ``width`` x ``height``."""
+    data = bytearray(I.encode(I.drawing(64, 64), "JPEG", progressive=progressive))
+    i = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    data[i + 5:i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def _quadrants(im: Image.Image) -> list:
+    w, h = im.size
+    rgb = im.convert("RGB")
+    return [rgb.getpixel((x, y)) for y in (h // 4, h * 3 // 4) for x in (w // 4, w * 3 // 4)]
+
+
+def _close(got: list, want: list) -> bool:
+    return all(max(abs(a - b) for a, b in zip(g, w)) < 40 for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("width, height", PHONE_SIZES)
+def test_phone_jpegs_pass_the_default_header_check(width: int, height: int) -> None:
+    t = Thumbnailer([(150, 150), (600, 600)])
+    header = t.check(_declared_jpeg(width, height)[:8192])
+    assert header is not None and (header.width, header.height) == (width, height)
+    assert header.multi_scan is False
+    # the same size in a format decoded whole is refused, from its header
+    for bomb in (I.bomb_png(width, height), I.bomb_webp(width, height)):
+        with pytest.raises(BadImage, match=r"\)\; the limit is 50.0 megapixels decoded, and a (PNG|WebP) is decoded whole"):
+            t.check(bomb)
+
+
+def test_max_pixels_set_explicitly_still_bounds_the_declared_size() -> None:
+    t = Thumbnailer([(150, 150)], max_pixels=50_000_000)
+    with pytest.raises(BadImage, match=r"16320x12240 \(199.8 megapixels\); the limit is 50.0 megapixels$") as info:
+        t.check(_declared_jpeg(16320, 12240))
+    assert info.value.limit == 50_000_000
+    with pytest.raises(ValueError, match="max_decode_pixels"):
+        Thumbnailer([(10, 10)], max_decode_pixels=0)
+
+
+def test_a_progressive_jpeg_counts_the_coefficients_it_holds() -> None:
+    # libjpeg holds every DCT coefficient of a progressive JPEG while decoding
+    # it, whatever the scale: 128 bytes an 8x8 block, 2040x1530 luma blocks and
+    # twice 1020x765 chroma ones at 4:2:0 (572 MiB), counted as 4-byte pixels
+    # (149.8 M) beside the 2040x1530 decoded at 1/8 (3.1 M).
+    t = Thumbnailer([(150, 150)])
+    with pytest.raises(BadImage, match=r"16320x12240 JPEG in several scans .*\(572 MiB, as much as 152.9 megapixels\)"):
+        t.check(_declared_jpeg(16320, 12240, progressive=True))
+    header = t.check(_declared_jpeg(6000, 4000, progressive=True))  # a 24 MP camera JPEG, re-saved progressive
+    assert header is not None and header.multi_scan is True
+
+
+def test_a_200_mp_jpeg_is_decoded_small_and_turned_upright() -> None:
+    data = I.quadrant_jpeg(16320, 12240, I.stored_quadrants(QUADRANTS, 6), orientation=6)
+    out = Thumbnailer([(150, 150), ThumbnailSpec(600, 600, mode="crop")]).make(io.BytesIO(data))
+    assert (out["150x150"].width, out["150x150"].height) == (113, 150)
+    assert (out["600x600"].width, out["600x600"].height) == (600, 600)
+    assert _close(_quadrants(decode(out["150x150"].data)), QUADRANTS)
+    assert _close(_quadrants(decode(out["600x600"].data)), QUADRANTS)
+
+
+def test_a_crop_box_is_counted_at_the_scale_it_needs() -> None:
+    data = I.quadrant_jpeg(16320, 12240, QUADRANTS)
+    t = Thumbnailer([(150, 150)])
+    # 300 px of a 200 MP photo into 150 px: decoded at 1/2 at best (50 MP)... over the budget
+    with pytest.raises(BadImage, match=r"would be decoded at 16320x12240 .* \(the crop box needs it"):
+        t.make(io.BytesIO(data), crop=(0, 0, 300, 300))
+    out = t.make(io.BytesIO(data), crop=(0, 0, 8000, 6000))  # the top-left quadrant: 1/8 is enough
+    assert (out["150x150"].width, out["150x150"].height) == (150, 113)
+    assert _close(_quadrants(decode(out["150x150"].data)), [QUADRANTS[0]] * 4)
+
+
+def test_max_original_on_a_200_mp_original_drafts_or_is_refused_from_the_header() -> None:
+    data = I.quadrant_jpeg(16320, 12240, QUADRANTS)
+    small = Thumbnailer([(150, 150)], max_original=(2048, 2048))
+    assert small.check(data[:8192]) is not None
+    out = small.rewrite_original(io.BytesIO(data))
+    assert out is not None
+    im = decode(out)
+    assert im.size == (2048, 1536) and _close(_quadrants(im), QUADRANTS)
+    # a box that needs it decoded whole (200 MP) cannot be met in bounded memory: a 422 from the header
+    big = Thumbnailer([(150, 150)], max_original=(12000, 12000))
+    for call in (lambda: big.check(data[:8192]), lambda: big.rewrite_original(io.BytesIO(data))):
+        with pytest.raises(BadImage, match=r"decoded at 16320x12240 .*to fit max_original 12000x12000") as info:
+            call()
+        assert info.value.status == 422 and info.value.limit == 50_000_000
+
+
 def _truncated_gif() -> bytes:
     return I.truncated(I.encode(I.drawing(300, 200).convert("P"), "GIF"), 0.5)
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
+import pytest
 import requests
 from PIL import Image
 
-from tests.support.wsgi import RunningServer, wsgi_server  # noqa: F401  (imports webob quietly first)
+from tests.support.wsgi import RunningServer, gunicorn, wsgi_server  # noqa: F401  (imports webob quietly first)
 from tests.support import images as I
 from uploadkit.imaging import Thumbnailer, ThumbnailSpec
 from uploadkit.middleware import FILES_KEY, FORM_KEY, UploadMiddleware
@@ -65,3 +66,82 @@ def test_refused_image_over_http_stores_nothing(wsgi_server: Callable[..., Runni
         error = r.json()["error"]
         assert error["code"] == "bad_image" and error["field"] == "pic" and name in error["message"]
         assert everything(root) == []
+
+
+# -- today's phone photos, through gunicorn, memory measured from outside ------------------
+
+# What the viewer must see (top-left, top-right, bottom-left, bottom-right).
+UPRIGHT = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 40)]
+
+
+@pytest.fixture(scope="module")
+def phone_photos(tmp_path_factory: Any) -> Dict[str, bytes]:
+    """A Pixel's 50 MP and a Galaxy Ultra's 200 MP photo, as the sensor stores
+    them (landscape) with EXIF orientation 6 (shown as portrait). Built row by
+    row: a few MB and a fraction of a second each, never 200 MP in memory."""
+    colours = I.stored_quadrants(UPRIGHT, 6)
+    return {"50mp.jpg": I.quadrant_jpeg(8160, 6144, colours, orientation=6),
+            "200mp.jpg": I.quadrant_jpeg(16320, 12240, colours, orientation=6)}
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def _quadrant_colours(im: Image.Image) -> List[Tuple[int, ...]]:
+    w, h = im.size
+    rgb = im.convert("RGB")
+    return [rgb.getpixel((x, y)) for y in (h // 4, h * 3 // 4) for x in (w // 4, w * 3 // 4)]  # type: ignore[misc]
+
+
+@pytest.mark.slow
+def test_phone_photos_get_upright_thumbnails_in_bounded_memory(phone_photos: Dict[str, bytes],
+                                                               tmp_path: Any) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    with gunicorn("tests.support.thumbnail_app:app", env={"UPLOADKIT_TEST_MEDIA": str(media)}) as url:
+        # A small photo first: the worker has imported and set up everything.
+        r = requests.post(url + "/upload", timeout=30,
+                          files={"pic": ("small.jpg", I.oriented_jpeg(I.drawing(400, 300), 6), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        pid = r.json()["pid"]
+        baseline = _vm_hwm_kib(pid)
+        for name, (width, height) in [("50mp.jpg", (8160, 6144)), ("200mp.jpg", (16320, 12240))]:
+            r = requests.post(url + "/upload", timeout=60,
+                              files={"pic": (name, phone_photos[name], "image/jpeg")})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["pid"] == pid
+            thumbs = body["files"]["pic"]["thumbnails"]
+            assert sorted(thumbs) == ["150x150", "600x600"]
+            for size, key in thumbs.items():
+                box = int(size.split("x")[0])
+                with Image.open(media / key) as im:
+                    # Upright: portrait, the long side the box's, the short one in
+                    # proportion (rounded half up: 150 * 12240 / 16320 = 112.5 -> 113).
+                    assert im.size == (int(box * height / width + 0.5), box), (name, size, im.size)
+                    for got, want in zip(_quadrant_colours(im), UPRIGHT):
+                        assert max(abs(a - b) for a, b in zip(got, want)) < 40, (name, size, got, want)
+            grown_mib = (_vm_hwm_kib(pid) - baseline) / 1024
+            assert grown_mib < 200, f"{name}: the worker's peak memory grew by {grown_mib:.0f} MiB"
+
+
+def test_a_gif_html_polyglot_is_refused_in_words(wsgi_server: Callable[..., RunningServer], tmp_path: Any) -> None:
+    root = str(tmp_path / "media")
+    server = wsgi_server(UploadMiddleware(app, storage=Storage(root), thumbnails=Thumbnailer([(100, 100)])))
+    # A GIF's signature and screen descriptor, then a web page instead of image blocks.
+    polyglot = (b"GIF89a\x10\x00\x10\x00\x00\x00\x00"
+                b"<html><body><script>alert(document.domain)</script></body></html>;")
+    r = requests.post(server.url + "/upload", timeout=30,
+                      files={"pic": ("cat.gif", polyglot, "image/gif")})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "bad_image" and error["field"] == "pic"
+    message = error["message"]
+    assert "0x" not in message and "object at" not in message and "<" not in message, message
+    assert "'cat.gif'" in message and "GIF image cannot be read" in message, message
+    assert everything(root) == []

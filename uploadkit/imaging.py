@@ -12,11 +12,16 @@ How an image is treated, in order:
 1. **Header first.** The format is told by magic bytes (JPEG, PNG, GIF, WebP,
    BMP, TIFF, and AVIF when this Pillow has it); anything else (PDF, ZIP, SVG...)
    is not an image here and is never touched. The dimensions are read from the
-   header by this module's own small parsers and compared with the
-   Thumbnailer's ``max_pixels`` *before* Pillow is asked for anything, so a
-   30000 x 30000 PNG of a few bytes is refused at once. Pillow's process-wide
-   ``Image.MAX_IMAGE_PIXELS`` and ``ImageFile.LOAD_TRUNCATED_IMAGES`` are read,
-   never written.
+   header by this module's own small parsers, and what decoding would hold is
+   counted from them and compared with the Thumbnailer's ``max_decode_pixels``
+   *before* Pillow is asked for anything: a JPEG at the DCT scale it will be
+   decoded at (a 200 MP photo into thumbnails: 1/8, 3 MP), with a progressive
+   JPEG's coefficient buffer; every other format whole. So a 30000 x 30000 PNG
+   of a few bytes is refused at once, and a 200 MP phone photo is not. The
+   count is made again on the real plan just before the pixels are decoded.
+   Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` and
+   ``ImageFile.LOAD_TRUNCATED_IMAGES`` are not written (nor, for the declared
+   size, used: see :func:`_open_image`).
 2. **Complete files only.** A JPEG must have an EOI marker (``FF D9``) after its
    first start-of-scan; a PNG must have its ``IEND`` chunk; a WebP must be as
    long as its RIFF header says. Bytes *after* the end marker are tolerated
@@ -61,10 +66,10 @@ import io
 import logging
 import math
 import os
+import re
 import struct
 import tempfile
 import threading
-import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -72,7 +77,7 @@ from fractions import Fraction
 from typing import (IO, TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional,
                     Sequence, Tuple, Union)
 
-from PIL import Image, ImageCms, ImageFile, ImageOps, features
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError, features
 
 from .errors import BadImage
 from .files import FileInfo, UploadedFile
@@ -230,6 +235,14 @@ class ImageHeader:
     height: Optional[int] = None
     #: Offset of a JPEG's first start-of-scan marker (the image data).
     scan_offset: Optional[int] = None
+    #: A JPEG's ``(horizontal, vertical)`` sampling factors, one pair per component.
+    sampling: Tuple[Tuple[int, int], ...] = ()
+    #: Whether a JPEG is decoded from several scans (progressive, or
+    #: components sent one scan each): libjpeg then holds every DCT
+    #: coefficient of the full-size image while it decodes, whatever the
+    #: scale. None while the first scan header has not been read and the
+    #: frame header does not already say so.
+    multi_scan: Optional[bool] = None
 
     @property
     def pixels(self) -> Optional[int]:
@@ -311,6 +324,8 @@ def detect_format(head: bytes) -> Optional[str]:
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+#: Progressive frames (Huffman and arithmetic coded): always several scans.
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 
 
 class _JpegWalk:
@@ -327,6 +342,18 @@ class _JpegWalk:
         self.height: Optional[int] = None
         self.scan: Optional[int] = None
         self.problem: Optional[str] = None
+        self.sampling: Tuple[Tuple[int, int], ...] = ()
+        self.progressive = False
+        #: Components in the first scan (0 until it is read).
+        self.scan_components = 0
+
+    @property
+    def multi_scan(self) -> Optional[bool]:
+        if self.progressive:
+            return True
+        if self.scan is None or not self.scan_components:
+            return None
+        return self.scan_components < len(self.sampling)
 
     @property
     def done(self) -> bool:
@@ -354,19 +381,29 @@ class _JpegWalk:
                 self.problem = "the JPEG's marker segments are corrupt"
                 return
             if m == 0xDA:
+                if self.pos + 5 > size:
+                    return  # wait for the scan header's component count
+                self.scan_components = fp.read(1)[0]
                 self.scan = self.pos
                 return
             if m in _SOF_MARKERS:
-                if self.pos + 9 > size:
+                if self.pos + 10 > size:
                     return  # wait for the frame header's bytes
-                sof = fp.read(5)
+                sof = fp.read(6)
                 self.height = int.from_bytes(sof[1:3], "big")
                 self.width = int.from_bytes(sof[3:5], "big")
+                self.progressive = m in _PROGRESSIVE_SOF
+                count = sof[5]
+                if self.pos + 10 + 3 * count > size:
+                    return  # and for its component table
+                table = fp.read(3 * count)
+                self.sampling = tuple((max(1, table[i + 1] >> 4), max(1, table[i + 1] & 15))
+                                      for i in range(0, 3 * count, 3))
             self.pos += 2 + length
 
 
-def _jpeg_layout(fp: IO[bytes]) -> Tuple[Optional[int], Optional[int], Optional[int]]:
-    """``(width, height, scan_offset)`` of a whole JPEG (None where the bytes end first).
+def _jpeg_layout(fp: IO[bytes]) -> _JpegWalk:
+    """The walk of a whole JPEG's header segments (sizes None where the bytes end first).
 
     :raises BadImage: when the segment structure is broken.
     """
@@ -374,7 +411,7 @@ def _jpeg_layout(fp: IO[bytes]) -> Tuple[Optional[int], Optional[int], Optional[
     walk.advance(fp, fp.seek(0, io.SEEK_END))
     if walk.problem:
         raise BadImage(walk.problem)
-    return walk.width, walk.height, walk.scan
+    return walk
 
 
 def _read_header(fp: IO[bytes]) -> Optional[ImageHeader]:
@@ -386,10 +423,11 @@ def _read_header(fp: IO[bytes]) -> Optional[ImageHeader]:
         return None
     w: Optional[int] = None
     h: Optional[int] = None
-    scan: Optional[int] = None
     if fmt == "JPEG":
-        w, h, scan = _jpeg_layout(fp)
-    elif fmt == "PNG":
+        walk = _jpeg_layout(fp)
+        return ImageHeader(fmt, _INPUT_TYPES[fmt], walk.width, walk.height, walk.scan,
+                           walk.sampling, walk.multi_scan)
+    if fmt == "PNG":
         if len(head) >= 24 and head[12:16] == b"IHDR":
             w, h = struct.unpack(">II", head[16:24])
     elif fmt == "GIF":
@@ -414,7 +452,7 @@ def _read_header(fp: IO[bytes]) -> Optional[ImageHeader]:
         elif dib == 12:
             w, h = struct.unpack("<HH", head[18:22])
     # TIFF and AVIF: Pillow's own header parse gives the size (still before any pixel).
-    return ImageHeader(fmt, _INPUT_TYPES[fmt], w, h, scan)
+    return ImageHeader(fmt, _INPUT_TYPES[fmt], w, h)
 
 
 def probe(source: Union[bytes, Source]) -> Optional[ImageHeader]:
@@ -546,39 +584,77 @@ def _check_complete(fp: IO[bytes], header: ImageHeader) -> None:
             raise BadImage("the WebP is truncated: shorter than its RIFF header says")
 
 
-def _open_image(fp: IO[bytes], header: ImageHeader, max_pixels: int) -> ImageFile.ImageFile:
-    """``Image.open`` restricted to the sniffed format, after our own size check.
+def _plugin(fmt: str) -> Callable[[Any], ImageFile.ImageFile]:
+    """The Pillow plugin class that reads ``fmt`` (only the formats of ``_INPUT_TYPES``)."""
+    from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin
 
-    :raises BadImage: bombs (by header, before any pixel) and unreadable headers.
+    plugins: Dict[str, Callable[[Any], ImageFile.ImageFile]] = {
+        "JPEG": JpegImagePlugin.JpegImageFile,
+        "PNG": PngImagePlugin.PngImageFile,
+        "GIF": GifImagePlugin.GifImageFile,
+        "WEBP": WebPImagePlugin.WebPImageFile,
+        "BMP": BmpImagePlugin.BmpImageFile,
+        "TIFF": TiffImagePlugin.TiffImageFile,
+    }
+    if fmt == "AVIF":
+        from PIL import AvifImagePlugin
+
+        return AvifImagePlugin.AvifImageFile
+    return plugins[fmt]
+
+
+def _open_image(fp: IO[bytes], header: ImageHeader, max_pixels: Optional[int] = None) -> ImageFile.ImageFile:
+    """The sniffed format's own Pillow plugin on the file: the header parsed, no pixel decoded.
+
+    Not ``Image.open``: that one compares the *declared* size with Pillow's
+    process-wide ``MAX_IMAGE_PIXELS`` and refuses twice it (179 MP), which
+    would refuse a 200 MP phone photo that is decoded at 1/8 scale into 3 MP.
+    This module bounds what is decoded itself, per Thumbnailer, before every
+    ``load()`` (see :meth:`Thumbnailer._check_decoding`). So it does what
+    ``Image.open`` does after that check: the one plugin the magic bytes name
+    parses the header (never another plugin, never EPS). Pillow's global is
+    read by the plugins that check it themselves (WebP and GIF frames, above
+    179 MP) and never written. ``max_pixels``, when given, bounds the declared
+    size (also once Pillow has read it: TIFF, AVIF).
+
+    :raises BadImage: declared sizes over ``max_pixels`` and unreadable headers.
     """
     _check_pixels(header.width, header.height, max_pixels)
     fp.seek(0)
-    pillow_limit = Image.MAX_IMAGE_PIXELS or 0
     try:
-        if max_pixels <= pillow_limit or (header.pixels is not None and header.pixels <= pillow_limit):
-            # Pillow cannot warn about an image we accept. It may warn about
-            # one over both limits (TIFF, AVIF: sizes we learn from Pillow),
-            # which is refused just below anyway.
-            im = Image.open(_Borrowed(fp), formats=[header.format])  # type: ignore[arg-type]
-        else:
-            # A limit above Pillow's: silence its warning (between its limit
-            # and twice it) for this call. catch_warnings is process-wide, so
-            # this path is kept for such deliberately large limits.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(_Borrowed(fp), formats=[header.format])  # type: ignore[arg-type]
+        im = _plugin(header.format)(_Borrowed(fp))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # The warning arrives as an exception when warnings are errors.
-        raise BadImage(f"the image is too large to decode: {exc}", limit=max_pixels) from exc
+        # Pillow's own limit, checked inside a plugin; the warning arrives as
+        # an exception when warnings are errors.
+        raise BadImage(f"the image is too large to decode: {_reason(exc)}", limit=max_pixels) from exc
     except _DECODE_ERRORS as exc:
-        raise BadImage(f"the {header.format} image cannot be read: {exc}") from exc
-    assert isinstance(im, ImageFile.ImageFile)
+        raise BadImage(f"the {header.format} image cannot be read: {_reason(exc)}") from exc
     try:
         _check_pixels(im.size[0], im.size[1], max_pixels)
     except BadImage:
         _release(im)
         raise
     return im
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+
+
+def _reason(exc: BaseException) -> str:
+    """What a decoder's exception says, in words a client may read.
+
+    Some Pillow messages name the file object they read from by its repr
+    (``cannot identify image file <... object at 0x7f...>``): a memory
+    address, which says nothing about the upload and tells a client about the
+    server. Those parts go; an exception with no words left is named by what
+    it means.
+    """
+    if isinstance(exc, UnidentifiedImageError):
+        return "its bytes start like that format but are not an image of it"
+    text = _OBJECT_REPR.sub("", str(exc)).strip(" :'\"")
+    if not text or text == "None":
+        return "its structure is broken"
+    return text
 
 
 def _release(im: Image.Image) -> None:
@@ -615,23 +691,149 @@ class _Borrowed:
         pass
 
 
-def _check_pixels(width: Optional[int], height: Optional[int], max_pixels: int) -> None:
+def _check_pixels(width: Optional[int], height: Optional[int], max_pixels: Optional[int]) -> None:
+    """Refuse an empty declared size, and one over ``max_pixels`` when that is set."""
     if width is None or height is None:
         return
     if width <= 0 or height <= 0:
         raise BadImage(f"the image declares an empty size, {width}x{height}")
-    if width * height > max_pixels:
+    if max_pixels is not None and width * height > max_pixels:
         raise BadImage(
             f"the image is {width}x{height} ({width * height / 1e6:.1f} megapixels);"
             f" the limit is {max_pixels / 1e6:.1f} megapixels",
             limit=max_pixels)
 
 
+# ---------------------------------------------------------------------------
+# What a decode costs: counted from the header, before any pixel
+
+
+#: Pillow keeps a decoded pixel in 4 bytes (RGB is stored as RGBX, CMYK and
+#: RGBA use 4, L and P 1 of them): the unit a decode budget is counted in.
+_PIXEL_BYTES = 4
+
+#: A JPEG counts for at least this share of its declared pixels, however small
+#: it is decoded: 1/8 scale saves memory, not reading, since every block is
+#: still entropy-decoded (a 200 MP photo takes about 0.6 s at 1/8 on a 2020s
+#: core). 16 is a quarter of each side: with the default budget a JPEG may
+#: declare up to 800 MP (every phone and camera JPEG, the 200 MP ones
+#: included), and a tiny file declaring 900 MP is refused from its header.
+_JPEG_READ_SHARE = 16
+
+
+def _draft_request(width: int, height: int, target: float) -> Optional[Tuple[int, int]]:
+    """The size asked of Pillow's JPEG ``draft`` when ``target`` of each side is
+    needed; None when no DCT scaling can help (half or more needed)."""
+    if target >= 0.5:
+        return None
+    return (max(1, math.ceil(width * target)), max(1, math.ceil(height * target)))
+
+
+def _drafted_size(width: int, height: int, target: float) -> Tuple[int, int]:
+    """The size a JPEG is decoded at for :func:`_draft_request`: Pillow's draft
+    takes the largest of 1/8, 1/4, 1/2 that still covers the request."""
+    request = _draft_request(width, height, target)
+    if request is None:
+        return width, height
+    ratio = min(width // request[0], height // request[1])
+    s = next(s for s in (8, 4, 2, 1) if ratio >= s)
+    return (width + s - 1) // s, (height + s - 1) // s
+
+
+def _coefficient_bytes(width: int, height: int, sampling: Tuple[Tuple[int, int], ...]) -> int:
+    """What libjpeg holds while it decodes a multi-scan JPEG: every DCT
+    coefficient (64 of 2 bytes a block) of every component at full size,
+    whatever the output scale, block rows and columns rounded up to the
+    component's sampling factors (libjpeg's jdcoefct.c)."""
+    if not sampling:
+        sampling = ((1, 1), (1, 1), (1, 1))  # unknown: count three full-size components
+    hmax = max(h for h, _ in sampling)
+    vmax = max(v for _, v in sampling)
+    total = 0
+    for h, v in sampling:
+        cols = math.ceil(math.ceil(width * h / hmax) / 8)
+        rows = math.ceil(math.ceil(height * v / vmax) / 8)
+        total += (-(-cols // h) * h) * (-(-rows // v) * v) * 128
+    return total
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """What decoding one image holds at once, in Pillow pixels of 4 bytes."""
+
+    format: str
+    width: int
+    height: int
+    #: The size the decoder outputs (a JPEG's drafted size; else the declared one).
+    decoded: Tuple[int, int]
+    #: A multi-scan JPEG's coefficient buffer, in bytes (0 otherwise).
+    coefficients: int = 0
+
+    @property
+    def pixels(self) -> int:
+        counted = self.decoded[0] * self.decoded[1] + -(-self.coefficients // _PIXEL_BYTES)
+        if self.format == "JPEG":
+            counted = max(counted, -(-self.width * self.height // _JPEG_READ_SHARE))
+        return counted
+
+    def check(self, limit: int, purpose: str = "") -> None:
+        """:raises BadImage: when :attr:`pixels` is over ``limit``, saying why."""
+        if self.pixels <= limit:
+            return
+        w, h = self.width, self.height
+        mp, lim = w * h / 1e6, limit / 1e6
+        tail = f"; the limit is {lim:.1f} megapixels decoded{purpose}"
+        dw, dh = self.decoded
+        if self.format != "JPEG":
+            name = {"WEBP": "WebP"}.get(self.format, self.format)
+            message = f"the image is {w}x{h} ({mp:.1f} megapixels){tail}, and a {name} is decoded whole"
+        elif -(-w * h // _JPEG_READ_SHARE) >= self.pixels:
+            message = (f"the image is {w}x{h} ({mp:.1f} megapixels){tail}, and a JPEG may declare at most"
+                       f" {_JPEG_READ_SHARE} times that ({lim * _JPEG_READ_SHARE:.1f} megapixels) even when"
+                       " it is decoded small, since every block of it is still read")
+        elif self.coefficients:
+            message = (f"the image is a {w}x{h} JPEG in several scans (progressive): decoding it at {dw}x{dh}"
+                       f" holds every DCT coefficient of the full image meanwhile"
+                       f" ({self.coefficients / 2 ** 20:.0f} MiB, as much as {self.pixels / 1e6:.1f} megapixels)"
+                       f"{tail}")
+        else:
+            message = (f"the image is {w}x{h} and would be decoded at {dw}x{dh}"
+                       f" ({dw * dh / 1e6:.1f} megapixels){tail}")
+        raise BadImage(message, limit=limit)
+
+
+def _decode_cost(header: ImageHeader, decoded: Optional[Tuple[int, int]] = None) -> Optional[_Cost]:
+    """The cost of decoding ``header``'s image at ``decoded`` (a JPEG's drafted
+    size; None: whole); None while the header does not tell the size yet.
+
+    JPEG is the one format here Pillow decodes at a reduced scale (``draft``,
+    1/2, 1/4 or 1/8 of each side). PNG, GIF, BMP and TIFF are decoded whole; so
+    are WebP (Pillow's plugin has libwebp decode the whole canvas) and AVIF
+    (libavif decodes the whole frame): those two even hold the frame twice
+    while it is copied into the image, which a budget in pixels leaves to the
+    margin under it.
+    """
+    w, h = header.width, header.height
+    if w is None or h is None:
+        return None
+    if header.format != "JPEG":
+        return _Cost(header.format, w, h, (w, h))
+    coefficients = _coefficient_bytes(w, h, header.sampling) if header.multi_scan else 0
+    return _Cost("JPEG", w, h, decoded or (w, h), coefficients)
+
+
+def _sized(header: ImageHeader, im: Image.Image) -> ImageHeader:
+    """The header with the size Pillow read (TIFF and AVIF sizes come from it)."""
+    if header.width is None or header.height is None:
+        return replace(header, width=im.size[0], height=im.size[1])
+    return header
+
+
 def _load(im: ImageFile.ImageFile) -> None:
     try:
         im.load()
     except _DECODE_ERRORS as exc:
-        raise BadImage(f"the {im.format} image is corrupt or truncated: {exc}") from exc
+        raise BadImage(f"the {im.format} image is corrupt or truncated: {_reason(exc)}") from exc
 
 
 def _orientation(im: Image.Image) -> int:
@@ -784,9 +986,20 @@ class Thumbnailer:
         background when an image with alpha must become a JPEG (white if None).
     :param color: ``"srgb"`` converts an embedded ICC profile to sRGB;
         ``"keep"`` embeds an RGB profile in the thumbnails unchanged.
-    :param max_pixels: refuse images with more pixels than this (50 million),
-        from the header, before decoding. Pillow's process-wide hard limit
-        (twice ``Image.MAX_IMAGE_PIXELS``) still applies above it.
+    :param max_decode_pixels: refuse images whose decoding would hold more
+        than this many pixels at once (50 million, about 200 MiB at Pillow's 4
+        bytes a pixel), counted from the header before any pixel is decoded,
+        as each format is decoded: a JPEG at the DCT scale its largest
+        thumbnail (or crop box, or ``max_original``) allows, 1/2 to 1/8 of
+        each side, plus, for a progressive JPEG, its full-size coefficient
+        buffer, and never less than 1/16 of its declared pixels (every block
+        is still read); every other format whole. So a 200 MP phone JPEG
+        (decoded at 1/8: 3 MP) is accepted and a 200 MP PNG is refused.
+        Pillow's ``Image.MAX_IMAGE_PIXELS`` is neither used nor changed.
+    :param max_pixels: also refuse images that *declare* more pixels than
+        this, whatever they are decoded at (None, the default: no such
+        bound). Before ``max_decode_pixels`` this was the only bound (50
+        million by default), which refused every 50 MP and 200 MP phone photo.
     :param max_original: ``(width, height)``: the handler re-encodes originals
         larger than this box to fit inside it (JPEG, PNG, WebP, AVIF; animated
         images are left alone), orientation applied, ICC and EXIF kept.
@@ -820,7 +1033,10 @@ class Thumbnailer:
         upscale: bool = False,
         pad_color: Color = None,
         color: str = "srgb",
-        max_pixels: int = 50_000_000,
+        # What a decode may hold, not what a file declares: a JPEG drafted at
+        # 1/8 decodes a 200 MP photo into 3 MP, a PNG must be decoded whole.
+        max_decode_pixels: int = 50_000_000,
+        max_pixels: Optional[int] = None,
         max_original: Optional[Tuple[int, int]] = None,
         original_quality: int = 90,
         strip_gps: bool = False,
@@ -839,8 +1055,11 @@ class Thumbnailer:
         _check_quality(original_quality)
         if color not in ("srgb", "keep"):
             raise ValueError(f"color must be 'srgb' or 'keep', not {color!r}")
-        if not isinstance(max_pixels, int) or max_pixels < 1:
-            raise ValueError(f"max_pixels must be a positive int, not {max_pixels!r}")
+        if not isinstance(max_decode_pixels, int) or isinstance(max_decode_pixels, bool) or max_decode_pixels < 1:
+            raise ValueError(f"max_decode_pixels must be a positive int, not {max_decode_pixels!r}")
+        if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool)
+                                       or max_pixels < 1):
+            raise ValueError(f"max_pixels must be a positive int or None, not {max_pixels!r}")
         if draft_gap < 1.0 or reduce_gap < 1.0:
             raise ValueError("draft_gap and reduce_gap must be 1.0 or more")
         if crop_fields is not None and (len(crop_fields) != 4 or len(set(crop_fields)) != 4):
@@ -858,6 +1077,7 @@ class Thumbnailer:
         self.upscale = upscale
         self.pad_color = pad_color
         self.color = color
+        self.max_decode_pixels = max_decode_pixels
         self.max_pixels = max_pixels
         self.max_original = max_original
         self.original_quality = original_quality
@@ -931,12 +1151,70 @@ class Thumbnailer:
         Reads the header only. With bytes (a file's first bytes), a size the
         bytes don't reach yet is not checked.
 
-        :raises BadImage: a bomb or a corrupt header.
+        :raises BadImage: a bomb (what decoding it would hold, see
+            ``max_decode_pixels``) or a corrupt header.
         """
         header = probe(source)
         if header is not None:
-            _check_pixels(header.width, header.height, self.max_pixels)
+            self._check_decoding(header)
         return header
+
+    def _check_decoding(self, header: ImageHeader, orientation: Optional[int] = None) -> None:
+        """Refuse, from the header, an image this Thumbnailer would decode over
+        its budget: for its thumbnails (without a crop box, which is checked
+        once it is known) and, when ``max_original`` applies, for the
+        downscaled original. With the orientation unknown (before Pillow reads
+        EXIF), the costlier of upright and turned is counted.
+
+        :raises BadImage: naming the sizes and the limit.
+        """
+        _check_pixels(header.width, header.height, self.max_pixels)
+        w, h = header.width, header.height
+        if w is None or h is None:
+            return
+        turns = (1, 6) if orientation is None else (orientation,)
+        if header.format == "JPEG":
+            target = max(self._thumbnail_target((w, h), o, None) for o in turns)
+            cost = _decode_cost(header, _drafted_size(w, h, target))
+        else:
+            cost = _decode_cost(header)
+        assert cost is not None
+        cost.check(self.max_decode_pixels)
+        if header.format == "JPEG" and self.max_original is not None:
+            for o in turns:
+                self._original_draft(header, o)
+
+    def _thumbnail_target(self, raw_size: Tuple[int, int], orientation: int, crop: Optional[Box]) -> float:
+        """The share of each side the thumbnails need decoded (``draft_gap`` included)."""
+        plans, _region = self._plans(raw_size, orientation, crop)
+        return max(p[3] for p in plans) * self.draft_gap
+
+    def _original_draft(self, header: ImageHeader, orientation: int) -> Optional[float]:
+        """The share of each side a JPEG original is decoded at to fit
+        ``max_original`` (None: it fits already): twice the output's size where
+        the budget allows, for quality, else the output's size.
+
+        :raises BadImage: when even that is over ``max_decode_pixels``: the
+            original cannot be downscaled in bounded memory.
+        """
+        assert self.max_original is not None and header.width is not None and header.height is not None
+        w, h = header.width, header.height
+        ow, oh = (h, w) if orientation >= 5 else (w, h)
+        bw, bh = self.max_original
+        if ow <= bw and oh <= bh:
+            return None
+        size, _box, _canvas = thumbnail_geometry(ow, oh, bw, bh, "fit")
+        scale = max(size[0] / ow, size[1] / oh)
+        last: Optional[_Cost] = None
+        for target in (scale * 2, scale * self.draft_gap):
+            cost = _decode_cost(header, _drafted_size(w, h, target))
+            assert cost is not None
+            if cost.pixels <= self.max_decode_pixels:
+                return target
+            last = cost
+        assert last is not None
+        last.check(self.max_decode_pixels, f" (downscaling the original to fit max_original {bw}x{bh})")
+        return None  # not reached: check raised
 
     def thumbnail_format(self, spec: ThumbnailSpec, alpha: bool) -> str:
         """The output format of ``spec`` for an image with or without alpha."""
@@ -952,10 +1230,11 @@ class Thumbnailer:
 
     def _make(self, fp: IO[bytes], header: ImageHeader, crop: Optional[Box],
               alpha_decided: Optional[bool] = None) -> Dict[str, Thumbnail]:
-        _check_pixels(header.width, header.height, self.max_pixels)
+        self._check_decoding(header)
         _check_complete(fp, header)
         im = _open_image(fp, header, self.max_pixels)
         try:
+            header = _sized(header, im)
             icc = im.info.get("icc_profile")
             raw_w, raw_h = im.size
             if header.format == "JPEG":
@@ -963,14 +1242,18 @@ class Thumbnailer:
                 plans, region = self._plans(im.size, orientation, crop)
                 scale = max(p[3] for p in plans)
                 factor = 1.0
-                target = scale * self.draft_gap
-                if target < 0.5:
-                    request = (max(1, math.ceil(raw_w * target)), max(1, math.ceil(raw_h * target)))
+                request = _draft_request(raw_w, raw_h, scale * self.draft_gap)
+                if request is not None:
                     drafted = im.draft(None, request)
                     if drafted is not None:
                         factor = drafted[1][2] / raw_w
+                # The size Pillow will decode at, counted once more before
+                # any pixel: a crop box can need more than the header check
+                # assumed.
+                self._check_cost(header, im.size, crop)
                 _load(im)
             else:
+                self._check_cost(header, im.size, crop)
                 _load(im)
                 orientation = _orientation(im)
                 plans, region = self._plans(im.size, orientation, crop)
@@ -993,6 +1276,12 @@ class Thumbnailer:
             return {s.key: results[s.key] for s in self.specs}
         finally:
             _release(im)
+
+    def _check_cost(self, header: ImageHeader, decoded: Tuple[int, int], crop: Optional[Box]) -> None:
+        """:raises BadImage: when decoding at ``decoded`` holds more than the budget."""
+        cost = _decode_cost(header, decoded)
+        assert cost is not None
+        cost.check(self.max_decode_pixels, " (the crop box needs it decoded at that scale)" if crop else "")
 
     def _plans(self, raw_size: Tuple[int, int], orientation: int, crop: Optional[Box]
                ) -> Tuple[List[Tuple[ThumbnailSpec, Tuple[int, int], Box, float, Optional[Tuple[int, int]]]], Box]:
@@ -1060,7 +1349,8 @@ class Thumbnailer:
                 if smaller is not None:
                     return smaller
             if self.strip_gps:
-                return strip_location(fp, header.format, self.max_pixels)
+                return strip_location(fp, header.format, min(self.max_decode_pixels,
+                                                             self.max_pixels or self.max_decode_pixels))
             return None
 
     def _downscale_original(self, fp: IO[bytes], header: ImageHeader) -> Optional[bytes]:
@@ -1068,10 +1358,11 @@ class Thumbnailer:
         bw, bh = self.max_original
         im = _open_image(fp, header, self.max_pixels)
         try:
+            header = _sized(header, im)
             try:
                 animated = bool(getattr(im, "is_animated", False))
             except _DECODE_ERRORS as exc:
-                raise BadImage(f"the {header.format} image is corrupt: {exc}") from exc
+                raise BadImage(f"the {header.format} image is corrupt: {_reason(exc)}") from exc
             if animated:
                 return None  # animation would be lost: leave it alone
             orientation = _orientation(im)
@@ -1084,14 +1375,20 @@ class Thumbnailer:
             exif = _exif_for_original(im, self.strip_gps)
             icc = im.info.get("icc_profile")
             if header.format == "JPEG":
-                # Keep quality: decode at least twice the target's size.
-                target = size[0] / ow * 2
-                if target < 0.5:
-                    im.draft(None, (max(1, math.ceil(w * target)), max(1, math.ceil(h * target))))
+                # Decoded at twice the output's size where the budget allows
+                # (quality), else at the output's size; refused when not even that fits.
+                target = self._original_draft(header, orientation)
+                request = _draft_request(w, h, target) if target is not None else None
+                if request is not None:
+                    im.draft(None, request)
+            self._check_cost(header, im.size, None)
             _load(im)
             alpha = _has_alpha(im)
-            work = _transpose(_working_mode(im), orientation)
-            out = work.resize(size, self.resample, reducing_gap=self.reduce_gap)
+            # Resampled as stored, then turned upright: the turn copies the
+            # small image, not the decoded one.
+            stored = (size[1], size[0]) if orientation >= 5 else size
+            out = _working_mode(im).resize(stored, self.resample, reducing_gap=self.reduce_gap)
+            out = _transpose(out, orientation)
             if out.mode in ("La", "RGBa"):
                 out = out.convert({"La": "LA", "RGBa": "RGBA"}[out.mode])
             fmt = header.format
@@ -1218,6 +1515,9 @@ def strip_location(fp: IO[bytes], fmt: str, max_pixels: int = 50_000_000) -> Opt
     JPEG, PNG and WebP are rewritten segment by segment (pixels untouched): the
     EXIF GPS IFD is removed, and XMP that mentions GPS is dropped. Other formats
     with GPS in their EXIF are re-encoded (TIFF losslessly, AVIF at quality 90).
+
+    :param max_pixels: those two are decoded whole: refused above this many pixels.
+    :raises BadImage: an image that cannot be read or is over ``max_pixels``.
     """
     if fmt == "JPEG":
         return _strip_jpeg(fp)
@@ -1246,14 +1546,14 @@ def strip_location(fp: IO[bytes], fmt: str, max_pixels: int = 50_000_000) -> Opt
             copy.save(buf, fmt, **params)
             return buf.getvalue()
         except _DECODE_ERRORS as exc:
-            raise BadImage(f"the {fmt} image's metadata cannot be rewritten: {exc}") from exc
+            raise BadImage(f"the {fmt} image's metadata cannot be rewritten: {_reason(exc)}") from exc
         finally:
             _release(im)
     return None  # GIF, BMP: no EXIF
 
 
 def _strip_jpeg(fp: IO[bytes]) -> Optional[bytes]:
-    _w, _h, scan = _jpeg_layout(fp)
+    scan = _jpeg_layout(fp).scan
     if scan is None:
         raise BadImage("the JPEG is truncated: it has no image data")
     header = _strip_jpeg_header(fp, scan)
@@ -1507,9 +1807,14 @@ class ThumbnailHandler(UploadHandler):
         if walk is not None and not walk.done:
             had_size = walk.width is not None
             walk.advance(spool.reader(), spool.size)
-            if walk.width is not None and not had_size:
+            # Checked when the frame header arrives and again at the first
+            # scan header, which tells whether the JPEG is decoded from
+            # several scans (and holds all its coefficients).
+            if walk.width is not None and (not had_size or walk.done):
                 try:
-                    _check_pixels(walk.width, walk.height, self.thumbnailer.max_pixels)
+                    self.thumbnailer._check_decoding(ImageHeader(
+                        "JPEG", _INPUT_TYPES["JPEG"], walk.width, walk.height, walk.scan,
+                        walk.sampling, walk.multi_scan))
                 except BadImage as exc:
                     raise self._name(exc, info) from None
                 if job.route == "wait":
@@ -1651,14 +1956,22 @@ class ThumbnailHandler(UploadHandler):
         try:
             header = _read_header(fp)
             assert header is not None
+            t = self.thumbnailer
+            t._check_decoding(header)
             _check_complete(fp, header)
-            im = _open_image(fp, header, self.thumbnailer.max_pixels)
+            im = _open_image(fp, header, t.max_pixels)
             try:
+                header = _sized(header, im)
+                t._check_decoding(header)
                 if crop is not None:
                     w, h = im.size
-                    if _orientation(im) >= 5:
+                    orientation = _orientation(im)
+                    if orientation >= 5:
                         w, h = h, w
                     _check_crop(crop, w, h)
+                    if header.format == "JPEG":
+                        target = t._thumbnail_target(im.size, orientation, crop)
+                        t._check_cost(header, _drafted_size(im.size[0], im.size[1], target), crop)
                 return _has_alpha(im)
             finally:
                 _release(im)

@@ -251,3 +251,96 @@ def with_big_app_segment(jpeg: bytes, size: int = 20000) -> bytes:
     payload = b"uploadkit-pad\x00" + b"\x00" * (size - 14)
     segment = b"\xff\xe2" + (len(payload) + 2).to_bytes(2, "big") + payload
     return jpeg[:2] + segment + jpeg[2:]
+
+
+def _entropy_intervals(jpeg: bytes) -> Tuple[bytes, list]:
+    """A JPEG's segments up to its scan data, and the scan data cut at its restart markers."""
+    pos = 2
+    while True:
+        length = int.from_bytes(jpeg[pos + 2:pos + 4], "big")
+        if jpeg[pos + 1] == 0xDA:
+            break
+        pos += 2 + length
+    head_end = pos + 2 + length
+    data = jpeg[head_end:jpeg.rindex(b"\xff\xd9")]
+    intervals, start, i = [], 0, 0
+    while True:
+        i = data.find(b"\xff", i)
+        while i >= 0 and not 0xD0 <= data[i + 1] <= 0xD7:  # FF00 stuffing, not a marker
+            i = data.find(b"\xff", i + 2)
+        if i < 0:
+            intervals.append(data[start:])
+            return jpeg[:head_end], intervals
+        intervals.append(data[start:i])
+        start = i = i + 2
+
+
+def banded_jpeg(bands: Sequence[Tuple[Image.Image, int]], orientation: Optional[int] = None,
+                quality: int = 75) -> bytes:
+    """A baseline JPEG of any size, made without holding its pixels: for 200 MP photos.
+
+    ``bands`` are ``(strip, rows)`` from top to bottom: each strip (all of one
+    width, a multiple of 16 pixels high) is repeated down ``rows`` rows. Every
+    strip is encoded with a restart marker each 16-pixel row of blocks and the
+    same tables, so its rows of entropy-coded data are independent and byte
+    aligned; the file is those rows, restart markers renumbered, under one
+    header whose frame height is the total. Memory: one strip.
+    """
+    head: Optional[bytes] = None
+    parts = []
+    row = 0
+    for strip, rows in bands:
+        assert strip.height % 16 == 0 and rows % 16 == 0
+        encoded = encode(strip.convert("RGB"), "JPEG", quality=quality, subsampling=2, restart_marker_rows=1)
+        strip_head, intervals = _entropy_intervals(encoded)
+        assert len(intervals) == strip.height // 16
+        if head is None:
+            head = strip_head
+        for k in range(rows // 16):
+            if row:
+                parts.append(bytes([0xFF, 0xD0 + (row - 1) % 8]))
+            parts.append(intervals[k % len(intervals)])
+            row += 1
+    assert head is not None
+    frame = bytearray(head)
+    sof = frame.index(b"\xff\xc0")
+    struct.pack_into(">H", frame, sof + 5, row * 16)
+    app1 = b""
+    if orientation is not None:
+        payload = exif(orientation).tobytes()
+        app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    return bytes(frame[:2]) + app1 + bytes(frame[2:]) + b"".join(parts) + b"\xff\xd9"
+
+
+def quadrant_jpeg(width: int, height: int, colours: Sequence[Tuple[int, int, int]],
+                  orientation: Optional[int] = None) -> bytes:
+    """A ``width`` x ``height`` JPEG (as stored) whose quadrants are
+    ``colours`` (top-left, top-right, bottom-left, bottom-right), cheaply at
+    any size (:func:`banded_jpeg`); the halves meet on a 16-pixel boundary.
+    Height a multiple of 16."""
+    half = width // 2 // 16 * 16
+    top = height // 2 // 16 * 16
+    bands = []
+    for (left, right), rows in ((colours[:2], top), (colours[2:], height - top)):
+        strip = Image.new("RGB", (width, 16), left)
+        strip.paste(right, (half, 0, width, 16))
+        bands.append((strip, rows))
+    return banded_jpeg(bands, orientation)
+
+
+def photo_jpeg(width: int, height: int, orientation: Optional[int] = None, quality: int = 90) -> bytes:
+    """A photo-like JPEG of any size: a 256-row strip of :func:`photo` repeated
+    down (it compresses and decodes like a photograph, row for row)."""
+    strip = photo(width, 256)
+    return banded_jpeg([(strip, height // 16 * 16)], orientation, quality)
+
+
+def stored_quadrants(upright: Sequence[Tuple[int, int, int]], orientation: int) -> list:
+    """Quadrant colours to store so that EXIF ``orientation`` shows ``upright``
+    (top-left, top-right, bottom-left, bottom-right)."""
+    im = Image.new("RGB", (2, 2))
+    for i, colour in enumerate(upright):
+        im.putpixel((i % 2, i // 2), colour)
+    method = STORE_AS[orientation]
+    stored = im.transpose(method) if method is not None else im
+    return [stored.getpixel((x, y)) for y in (0, 1) for x in (0, 1)]
