@@ -22,6 +22,16 @@ Wall time is measured inside the child around the work only (not the
 interpreter start or imports); the ``import-only`` line gives each variant's
 memory floor.
 
+A second table takes today's phone and camera sizes, 24, 50, 100 and 200 MP
+JPEGs with EXIF orientation 6 (``--quick``: 24 and 200), and sets the
+default ``Thumbnailer()`` beside hand-tuned Pillow: what a careful hand
+writes with Pillow alone, ``draft`` to the largest thumbnail's scale,
+``exif_transpose``, then ``thumbnail``/``ImageOps.fit`` per size from that one
+decode (``Image.MAX_IMAGE_PIXELS = None`` in its process, as it must be for
+200 MP). Those photos are built row by row (:func:`tests.support.images.photo_jpeg`:
+a 256-row strip of the photo drawing repeated down), so they compress and
+decode like photographs while a 200 MP one costs a second to make.
+
     python benchmarks/bench_imaging.py [--quick] [--repeat N] [--workdir DIR]
 """
 
@@ -57,7 +67,16 @@ QUICK_IMAGES = {
     "3 MP RGBA PNG": (2120, 1415, "PNG"),
 }
 VARIANTS = ("naive", "uploadkit", "pyvips")
-LABELS = {"naive": "naive Pillow", "uploadkit": "uploadkit", "pyvips": "pyvips"}
+LABELS = {"naive": "naive Pillow", "uploadkit": "uploadkit", "pyvips": "pyvips", "tuned": "hand-tuned Pillow"}
+
+#: name -> (width, height): phone and camera JPEGs, stored landscape, EXIF orientation 6.
+PHONE_IMAGES = {
+    "24 MP JPEG": (6000, 4000),
+    "50 MP JPEG": (8160, 6144),
+    "100 MP JPEG": (12240, 8160),
+    "200 MP JPEG": (16320, 12240),
+}
+QUICK_PHONE_IMAGES = {k: PHONE_IMAGES[k] for k in ("24 MP JPEG", "200 MP JPEG")}
 
 
 # -- the children ----------------------------------------------------------------------
@@ -86,8 +105,35 @@ def _naive(path: str) -> int:
 def _uploadkit(path: str) -> int:
     from uploadkit.imaging import Thumbnailer, ThumbnailSpec
 
-    t = Thumbnailer([ThumbnailSpec(w, h, mode=m) for w, h, m in SIZES], max_pixels=150_000_000)
+    t = Thumbnailer([ThumbnailSpec(w, h, mode=m) for w, h, m in SIZES])
     return sum(len(th.data) for th in t.make(path).values())
+
+
+def _tuned(path: str) -> int:
+    """Pillow by a careful hand: one decode, DCT-scaled to what the largest
+    thumbnail needs, turned upright, every size from it."""
+    import math
+
+    from PIL import Image, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = None  # its own process: 200 MP is a photo, not a bomb
+    total = 0
+    with Image.open(path) as im:
+        width, height = im.size
+        need = max(max(w / width, h / height) if mode == "crop" else min(w / width, h / height)
+                   for w, h, mode in SIZES)
+        im.draft("RGB", (math.ceil(width * need), math.ceil(height * need)))
+        upright = ImageOps.exif_transpose(im)
+    for w, h, mode in SIZES:
+        if mode == "crop":
+            out = ImageOps.fit(upright, (w, h), Image.Resampling.LANCZOS)
+        else:
+            out = upright.copy()
+            out.thumbnail((w, h), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        out.save(buf, "JPEG", quality=85)
+        total += len(buf.getvalue())
+    return total
 
 
 def _pyvips(path: str) -> int:
@@ -106,7 +152,7 @@ def _pyvips(path: str) -> int:
 
 def child(variant: str, path: str) -> None:
     """Run one measurement; print the work's wall time (ms) as JSON."""
-    work = {"naive": _naive, "uploadkit": _uploadkit, "pyvips": _pyvips}[variant]
+    work = {"naive": _naive, "uploadkit": _uploadkit, "pyvips": _pyvips, "tuned": _tuned}[variant]
     if variant == "pyvips":
         import pyvips  # noqa: F401  (imports are outside the timing)
     else:
@@ -165,8 +211,12 @@ def make_image(path: str, width: int, height: int, fmt: str) -> None:
 
 
 def _draw(path: str, width: int, height: int, fmt: str) -> None:
-    from tests.support.images import photo
+    from tests.support.images import photo, photo_jpeg
 
+    if fmt == "PHONE":
+        with open(path, "wb") as f:
+            f.write(photo_jpeg(width, height, orientation=6, quality=90))
+        return
     im = photo(width, height)
     if fmt == "PNG":
         from PIL import Image
@@ -187,6 +237,35 @@ def pyvips_status() -> Optional[str]:
         last = exc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["failed"]
         return f"pyvips unavailable ({last[0]}); install libvips42 and pyvips to fill this column"
     return None
+
+
+def phone_table(images: Dict[str, Tuple[int, int]], workdir: str, repeat: int,
+                floor: Dict[str, float]) -> None:
+    """Today's photo sizes: the default Thumbnailer beside hand-tuned Pillow."""
+    from benchmarks import fmt_mib, fmt_ratio, log, md_table, median
+
+    print("### Phone and camera JPEGs: uploadkit's default Thumbnailer vs hand-tuned Pillow\n")
+    print("EXIF orientation 6; hand-tuned Pillow: draft to the largest thumbnail, exif_transpose, "
+          f"every size from that decode; {repeat} runs per cell, median; peak RSS is the child's VmHWM "
+          f"(imports alone: {fmt_mib(floor.get('uploadkit'))})\n")
+    rows = []
+    for name, (w, h) in images.items():
+        path = os.path.join(workdir, f"phone-{w}x{h}.jpg")
+        if not os.path.exists(path):
+            log(f"[imaging] building {name} ...")
+            make_image(path, w, h, "PHONE")
+        results: Dict[str, Tuple[float, float]] = {}
+        for v in ("tuned", "uploadkit"):
+            runs = [measure(v, path) for _ in range(repeat)]
+            results[v] = (median([r[0] for r in runs]), max(r[1] for r in runs))
+            log(f"[imaging] {name}: {v} {results[v][0]:.0f} ms, {results[v][1] / 1024:.0f} MiB")
+        (t_ms, t_kib), (u_ms, u_kib) = results["tuned"], results["uploadkit"]
+        rows.append([f"{name} ({w}x{h}, {os.path.getsize(path) / 1e6:.1f} MB)",
+                     f"{t_ms:,.0f} ms / {fmt_mib(t_kib)}", f"{u_ms:,.0f} ms / {fmt_mib(u_kib)}",
+                     fmt_ratio(t_ms / u_ms), fmt_ratio(u_kib / t_kib)])
+    print(md_table(["image", "hand-tuned Pillow (time / peak RSS)", "uploadkit (time / peak RSS)",
+                    "time: tuned / uploadkit", "peak RSS: uploadkit / tuned"], rows))
+    print("\nA time ratio above 1 means uploadkit is faster; a memory ratio below 1 means it holds less.\n")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -247,6 +326,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             note += f"; peak {mem:.0f} MiB"
             print(note)
         print()
+        phone_table(PHONE_IMAGES if not args.quick else QUICK_PHONE_IMAGES, workdir,
+                    2 if args.quick else repeat, floor)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
