@@ -331,6 +331,37 @@ def test_jpeg_bomb_with_a_late_frame_header_refused_mid_upload(backend: Backend)
     assert backend.everything() == []
 
 
+def test_a_200_mp_phone_photo_with_a_big_exif_block_gets_its_thumbnails(backend: Backend) -> None:
+    # Phones write EXIF blocks of tens of KiB (with an embedded preview) before
+    # the frame header: the budget is counted when that header arrives.
+    photo = I.with_big_app_segment(I.quadrant_jpeg(16320, 12240, [(200, 40, 40)] * 4), 60000)
+    p = run(chain(Thumbnailer([(150, 150), (600, 600)]), backend.storage),
+            [("pic", "phone.jpg", "image/jpeg", photo)], chunk=65536)
+    (f,) = p.ctx.files
+    with backend.storage.open(f.thumbnails["600x600"]) as fh:
+        im = decode(fh.read())
+    assert im.size == (600, 450) and max(abs(a - b) for a, b in zip(im.getpixel((300, 225)), (200, 40, 40))) < 30
+    p.close()
+
+
+def test_progressive_jpeg_too_large_to_hold_refused_at_its_first_scan(backend: Backend) -> None:
+    data = bytearray(I.encode(I.drawing(64, 64), "JPEG", progressive=True))
+    i = data.index(b"\xff\xc2")
+    data[i + 5:i + 9] = (12240).to_bytes(2, "big") + (16320).to_bytes(2, "big")
+    late = I.with_big_app_segment(bytes(data), 20000) + b"\x00" * 200_000
+    p = Pipeline(chain(Thumbnailer([(100, 100)]), backend.storage), RequestContext(limits=Limits()))
+    p.start()
+    p.start_file("pic", "big.jpg", "image/jpeg")
+    fed = 0
+    with pytest.raises(BadImage, match="16320x12240 JPEG in several scans") as info:
+        for k in range(0, len(late), 4096):
+            p.feed(late[k:k + 4096])
+            fed = k + 4096
+    p.abort(info.value)
+    assert fed < 30_000 and info.value.field == "pic" and info.value.status == 422
+    assert backend.everything() == []
+
+
 def test_max_original_waits_for_a_late_frame_header_then_passes(backend: Backend) -> None:
     small = I.with_big_app_segment(I.encode(I.drawing(300, 200), "JPEG"), 20000)
     t = Thumbnailer([(100, 100)], max_original=(1000, 1000))
