@@ -344,10 +344,16 @@ def test_a_200_mp_phone_photo_with_a_big_exif_block_gets_its_thumbnails(backend:
     p.close()
 
 
-def test_progressive_jpeg_too_large_to_hold_refused_at_its_first_scan(backend: Backend) -> None:
-    data = bytearray(I.encode(I.drawing(64, 64), "JPEG", progressive=True))
-    i = data.index(b"\xff\xc2")
+@pytest.mark.parametrize("kind", ["progressive", "one component a scan"])
+def test_multi_scan_jpeg_too_large_to_hold_refused_mid_upload(backend: Backend, kind: str) -> None:
+    # Both hold every DCT coefficient of the full-size image while decoding.
+    # A progressive frame says so itself; a baseline one whose first scan
+    # carries fewer components than the frame says so at that scan header.
+    data = bytearray(I.encode(I.drawing(64, 64), "JPEG", progressive=kind == "progressive"))
+    i = data.index(b"\xff\xc2" if kind == "progressive" else b"\xff\xc0")
     data[i + 5:i + 9] = (12240).to_bytes(2, "big") + (16320).to_bytes(2, "big")
+    if kind != "progressive":
+        data[data.index(b"\xff\xda") + 4] = 1  # the first scan's component count
     late = I.with_big_app_segment(bytes(data), 20000) + b"\x00" * 200_000
     p = Pipeline(chain(Thumbnailer([(100, 100)]), backend.storage), RequestContext(limits=Limits()))
     p.start()
