@@ -1163,12 +1163,13 @@ class Thumbnailer:
             self._check_decoding(header)
         return header
 
-    def _check_decoding(self, header: ImageHeader, orientation: Optional[int] = None) -> None:
+    def _check_decoding(self, header: ImageHeader, orientation: Optional[int] = None,
+                        originals: bool = True) -> None:
         """Refuse, from the header, an image this Thumbnailer would decode over
         its budget: for its thumbnails (without a crop box, which is checked
-        once it is known) and, when ``max_original`` applies, for the
-        downscaled original. With the orientation unknown (before Pillow reads
-        EXIF), the costlier of upright and turned is counted.
+        once it is known) and, with ``originals`` and when ``max_original``
+        applies, for the downscaled original. With the orientation unknown
+        (before Pillow reads EXIF), the costlier of upright and turned is counted.
 
         :raises BadImage: naming the sizes and the limit.
         """
@@ -1184,7 +1185,7 @@ class Thumbnailer:
             cost = _decode_cost(header)
         assert cost is not None
         cost.check(self.max_decode_pixels)
-        if header.format == "JPEG" and self.max_original is not None:
+        if originals and header.format == "JPEG" and self.max_original is not None:
             for o in turns:
                 self._original_draft(header, o)
 
@@ -1234,11 +1235,11 @@ class Thumbnailer:
 
     def _make(self, fp: IO[bytes], header: ImageHeader, crop: Optional[Box],
               alpha_decided: Optional[bool] = None) -> Dict[str, Thumbnail]:
-        self._check_decoding(header)
+        self._check_decoding(header, originals=False)
         _check_complete(fp, header)
         im = _open_image(fp, header, self.max_pixels)
         try:
-            header = _sized(header, im)
+            header = _sized(header, im)  # TIFF, AVIF: counted below, with the size Pillow read
             icc = im.info.get("icc_profile")
             raw_w, raw_h = im.size
             if header.format == "JPEG":
