@@ -463,6 +463,18 @@ def test_max_original_on_a_200_mp_original_drafts_or_is_refused_from_the_header(
         assert info.value.status == 422 and info.value.limit == 50_000_000
 
 
+def test_decoder_messages_lose_object_reprs() -> None:
+    from PIL import UnidentifiedImageError
+
+    from uploadkit.imaging import _reason
+
+    said = _reason(OSError("cannot identify image file <_io.BytesIO object at 0x7f3c0c138790>"))
+    assert said == "cannot identify image file" and "0x" not in said
+    assert "0x" not in _reason(UnidentifiedImageError("cannot identify image file <x.Y object at 0x7f00aa>"))
+    assert _reason(KeyError()) == "its structure is broken"
+    assert _reason(ValueError("tile cannot extend outside image")) == "tile cannot extend outside image"
+
+
 def _truncated_gif() -> bytes:
     return I.truncated(I.encode(I.drawing(300, 200).convert("P"), "GIF"), 0.5)
 
