@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
+import threading
 import time
 import os
 from typing import Any, List, Optional, Tuple
@@ -12,6 +14,7 @@ import pytest
 
 from uploadkit.errors import (
     ClientDisconnected,
+    ClientTimeout,
     FileTooLarge,
     LengthRequired,
     MalformedMultipart,
@@ -280,3 +283,137 @@ def test_read_raw_refusals_leave_nothing(tmp_path: Any) -> None:
                                                                       TempFileHandler(str(tmp_path))],
                      **kwargs)
         assert os.listdir(tmp_path) == [], error
+
+
+# -- a request that declares no length (gunicorn hands it over as terminated) -------------
+
+def test_unframed_terminated_empty_body_is_411() -> None:
+    with pytest.raises(LengthRequired) as err:
+        _read(io.BytesIO(b""), None, terminated=True, framed=False)
+    assert err.value.status == 411
+    # Declared chunked and empty: a body, just not a multipart one.
+    with pytest.raises(MalformedMultipart):
+        _read(io.BytesIO(b""), None, terminated=True, framed=True)
+    # A server (or wrapper) that decoded the chunks and dropped the header: streamed.
+    _check(_read(GeneratedStream(fixed_chunks(BODY, 3000)), None, terminated=True, framed=False))
+
+
+# -- deadlines on the client's socket (Limits.idle_timeout, Limits.min_rate) ---------------
+
+def _sock_read(tmp_path: Any, limits: Limits, feed: Any, server_timeout: Optional[float] = None,
+               length: int = len(BODY)) -> Tuple[Any, float, socket.socket]:
+    """Read BODY from a socketpair the way gunicorn does (read(n) waits for n
+    bytes), with the server end as ``gunicorn.socket``; ``feed(client)`` sends."""
+    server, client = socket.socketpair()
+    server.settimeout(server_timeout)
+    def send() -> None:
+        try:
+            feed(client)
+        finally:  # the end of the stream: a reader without deadlines is not left waiting
+            try:
+                client.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    started = time.monotonic()
+    try:
+        with server.makefile("rb") as stream:
+            result: Any = _read(stream, length, limits=limits, environ={"gunicorn.socket": server},
+                                handlers=[HashingHandler(), TempFileHandler(str(tmp_path))])
+    except UploadError as exc:
+        result = exc
+    took = time.monotonic() - started
+    client.close()
+    sender.join(10)
+    server.close()
+    return result, took, server
+
+
+def test_silent_client_times_out_and_the_socket_is_given_back(tmp_path: Any) -> None:
+    seen: List[Optional[float]] = []
+
+    def stall(client: socket.socket) -> None:
+        client.sendall(BODY[:20_000])
+        time.sleep(1.5)  # the silence under test (the reader gives up at 0.3 s)
+
+    result, took, server = _sock_read(tmp_path, Limits(idle_timeout=0.3, min_rate=None), stall,
+                                      server_timeout=None)
+    assert isinstance(result, ClientTimeout), result
+    assert (result.status, result.code, result.limit) == (408, "client_timeout", 0.3)
+    assert "sent nothing for 0.3 s" in result.message
+    assert 0.25 < took < 1.2, took
+    assert os.listdir(tmp_path) == []
+
+
+def test_socket_timeout_is_restored_after_each_read(tmp_path: Any) -> None:
+    server, client = socket.socketpair()
+    server.settimeout(7.0)
+    client.sendall(BODY)
+    with server.makefile("rb") as stream:
+        p = _read(stream, limits=Limits(idle_timeout=0.5, min_rate=1000),
+                  environ={"gunicorn.socket": server}, read_size=4096)
+    _check(p)
+    assert server.gettimeout() == 7.0
+    client.close()
+    server.close()
+
+
+def test_trickling_client_is_refused_by_min_rate(tmp_path: Any) -> None:
+    stop = threading.Event()
+
+    def trickle(client: socket.socket) -> None:
+        client.sendall(BODY[:1000])
+        give_up = time.monotonic() + 5  # bounds the test where nothing refuses the trickle
+        for i in range(1000, len(BODY)):  # never silent for idle_timeout
+            if stop.wait(0.05) or time.monotonic() > give_up:
+                return
+            try:
+                client.send(BODY[i:i + 1])
+            except OSError:
+                return
+
+    # The first read (the whole body, under 64 KiB) may take 0.5 s + its size at 64 KiB/s.
+    result, took, _ = _sock_read(tmp_path, Limits(idle_timeout=0.5, min_rate=65536), trickle)
+    stop.set()
+    assert isinstance(result, ClientTimeout), result
+    assert result.limit == 65536 and "slower than 64.0 KiB/s" in result.message
+    allowed = 0.5 + len(BODY) / 65536
+    assert allowed - 0.05 < took < allowed + 1.0, (took, allowed)
+    assert os.listdir(tmp_path) == []
+
+
+def test_servers_own_timeout_stays_client_disconnected(tmp_path: Any) -> None:
+    def stall(client: socket.socket) -> None:
+        client.sendall(BODY[:20_000])
+        time.sleep(1.0)
+
+    # No idle_timeout of ours: the server's 0.2 s socket timeout fires first.
+    result, took, _ = _sock_read(tmp_path, Limits(idle_timeout=None, min_rate=1000), stall,
+                                 server_timeout=0.2)
+    assert isinstance(result, ClientDisconnected) and "timed out" in result.message, result
+    assert took < 0.9
+
+
+def test_no_socket_no_clock() -> None:
+    _check(_read(TrickleStream(BODY, 997), limits=Limits(idle_timeout=0.001, min_rate=1),
+                 environ={"SERVER_PROTOCOL": "HTTP/1.1"}))
+    # HTTP/2: the socket carries other streams; it is left alone.
+    server, client = socket.socketpair()
+    client.sendall(BODY)
+    with server.makefile("rb") as stream:
+        _check(_read(stream, limits=Limits(idle_timeout=0.001, min_rate=1),
+                     environ={"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/2.0"}))
+    assert server.gettimeout() is None
+    client.close()
+    server.close()
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "60", float("inf"), float("nan")])
+def test_deadline_limits_are_validated(value: Any) -> None:
+    for name in ("idle_timeout", "min_rate"):
+        with pytest.raises(ValueError, match=name):
+            Limits(**{name: value})
+    assert Limits(idle_timeout=None, min_rate=None).idle_timeout is None
+    assert (Limits().idle_timeout, Limits().min_rate) == (60.0, 500)

@@ -62,6 +62,14 @@ class ClientDisconnected(UploadError):
     code = "client_disconnected"
 
 
+class ClientTimeout(UploadError):
+    """The client stalled (nothing for ``Limits.idle_timeout`` seconds) or
+    trickled (a read slower than ``Limits.min_rate``) in the middle of its body."""
+
+    status = 408
+    code = "client_timeout"
+
+
 class LengthRequired(UploadError):
     """Neither CONTENT_LENGTH nor a server-terminated input stream (chunked body)."""
 

@@ -37,6 +37,18 @@ class Limits:
     allowed_types: Optional[FrozenSet[str]] = None
     #: Sanitized filenames are cut to this many characters, keeping the extension.
     max_filename_length: int = 255
+    #: Seconds a read of the body may wait for the client's next bytes: a
+    #: client that sends its headers and stops must not hold a worker thread
+    #: for ever. 60 s is nginx's ``client_body_timeout``; a live client on a
+    #: bad link is never that silent. Enforced where the server hands over its
+    #: socket (gunicorn, Werkzeug); refused as 408 ``client_timeout``.
+    idle_timeout: Optional[float] = 60.0
+    #: Bytes a second the body must keep up: each read of ``n`` bytes must be
+    #: done within ``idle_timeout + n / min_rate`` seconds, so a byte every few
+    #: seconds (never silent for ``idle_timeout``) is refused too. 500 is
+    #: Apache's ``RequestReadTimeout body=20,MinRate=500``, far below any
+    #: working mobile link.
+    min_rate: Optional[float] = 500
 
     def __post_init__(self) -> None:
         for name in ("max_request_size", "max_file_size", "max_files", "max_parts", "max_field_size",
@@ -48,6 +60,11 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Limits.{name} must be a positive int, not {value!r}")
+        for name in ("idle_timeout", "min_rate"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < float("inf")):
+                raise ValueError(f"Limits.{name} must be a positive number or None, not {value!r}")
         if self.allowed_types is not None:
             if isinstance(self.allowed_types, str):
                 raise ValueError("Limits.allowed_types must be a set of types, not one string")

@@ -37,6 +37,9 @@ CONTEXT_KEY = "uploadkit.context"
 _STALE_KEYS = ("webob._parsed_post_vars", "webob._body_file", "webob.is_body_seekable",
                "werkzeug.request", "HTTP_TRANSFER_ENCODING")
 _METHODS = frozenset(["POST", "PUT", "PATCH"])
+# Refusals after which the rest of the body is not waited for: the client went
+# away, or is too slow to be waited for again.
+_GONE = frozenset(["client_disconnected", "client_timeout"])
 
 
 def _json_error(start_response: StartResponse, exc: UploadError) -> List[bytes]:
@@ -50,7 +53,7 @@ def _json_error(start_response: StartResponse, exc: UploadError) -> List[bytes]:
 
 
 _REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 411: "Length Required", 413: "Content Too Large",
+            408: "Request Timeout", 409: "Conflict", 411: "Length Required", 413: "Content Too Large",
             415: "Unsupported Media Type", 422: "Unprocessable Content", 503: "Service Unavailable"}
 
 
@@ -259,7 +262,8 @@ class UploadMiddleware:
                 content_length=content_length,
                 limits=limits if limits is not None else self.limits_for(environ),
                 handlers=self.handlers_for(environ), environ=environ, progress=progress,
-                read_size=self.read_size, terminated=bool(environ.get("wsgi.input_terminated")))
+                read_size=self.read_size, terminated=bool(environ.get("wsgi.input_terminated")),
+                framed=content_length is not None or _chunked(environ))
             if self.intercepts_raw(environ):
                 pipeline = read_raw(counted, filename=_raw_filename(environ),
                                     content_type=environ.get("CONTENT_TYPE", ""), **common)
@@ -291,7 +295,7 @@ class UploadMiddleware:
 
     def _drain(self, stream: _CountingInput, content_length: Optional[int], exc: UploadError) -> None:
         """Read what is left of a refused body, if little, so the client gets the answer."""
-        if content_length is None or content_length < 0 or exc.code == "client_disconnected":
+        if content_length is None or content_length < 0 or exc.code in _GONE:
             return
         left = content_length - stream.count
         if left <= 0 or left > self.drain_limit:
@@ -343,6 +347,14 @@ def _raw_filename(environ: Environ) -> str:
     except UnicodeError:
         pass
     return path.rstrip("/").rpartition("/")[2]
+
+
+def _chunked(environ: Environ) -> bool:
+    """The request says its body is chunked. gunicorn and Werkzeug keep the
+    header in the environ when they decode the body; waitress drops it but sets
+    CONTENT_LENGTH to the decoded size."""
+    codings = str(environ.get("HTTP_TRANSFER_ENCODING", "")).lower()
+    return "chunked" in (c.strip() for c in codings.split(","))
 
 
 def _content_length(environ: Environ) -> Optional[int]:

@@ -2,8 +2,9 @@
 pipeline: the only station that does I/O on the client's bytes.
 
 It never reads past CONTENT_LENGTH, tells a short body (a client that went
-away) from a complete one, and counts the bytes of bodies that have no length
-(chunked, ``wsgi.input_terminated``).
+away) from a complete one, counts the bytes of bodies that have no length
+(chunked, ``wsgi.input_terminated``), and, where the server hands over the
+client's socket, times every read (:mod:`uploadkit.deadlines`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
 
+from .deadlines import ReadClock, client_socket
 from .errors import ClientDisconnected, LengthRequired, RequestTooLarge, UploadError, format_size
 from .handlers import UploadHandler, default_handlers
 from .limits import Limits
@@ -30,8 +32,20 @@ SLOW_READ = 0.1
 FAST_READ = 0.02
 
 
+_NO_LENGTH = "the request has no Content-Length; send one or use chunked encoding"
+
+
 class Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
+
+
+def read_clock(environ: Optional[Dict[str, Any]], limits: Limits) -> Optional[ReadClock]:
+    """A clock for the reads of this request's body, when ``limits`` bound
+    them and the server handed over the client's socket; else None."""
+    if limits.idle_timeout is None and limits.min_rate is None:
+        return None
+    sock = client_socket(environ)
+    return None if sock is None else ReadClock(sock, limits.idle_timeout, limits.min_rate)
 
 
 def check_length(content_length: Optional[int], terminated: bool, limits: Limits) -> None:
@@ -41,7 +55,7 @@ def check_length(content_length: Optional[int], terminated: bool, limits: Limits
     :raises RequestTooLarge: CONTENT_LENGTH over ``limits.max_request_size``.
     """
     if content_length is None and not terminated:
-        raise LengthRequired("the request has no Content-Length; send one or use chunked encoding")
+        raise LengthRequired(_NO_LENGTH)
     limit = limits.max_request_size
     if limit is not None and content_length is not None and content_length > limit:
         raise RequestTooLarge(
@@ -53,7 +67,8 @@ def read_multipart(stream: Readable, *, content_type: str, content_length: Optio
                    limits: Limits = Limits(), handlers: Optional[Sequence[UploadHandler]] = None,
                    environ: Optional[Dict[str, Any]] = None,
                    progress: ProgressListener = NULL_PROGRESS,
-                   read_size: int = DEFAULT_READ_SIZE, terminated: bool = False) -> Pipeline:
+                   read_size: int = DEFAULT_READ_SIZE, terminated: bool = False,
+                   framed: bool = True) -> Pipeline:
     """Stream one multipart body through a handler chain.
 
     Returns the finished :class:`Pipeline`: files in ``pipeline.ctx.files``, text
@@ -62,7 +77,13 @@ def read_multipart(stream: Readable, *, content_type: str, content_length: Optio
 
     :param content_length: the declared length, or None for a body that ends
         when the stream does (then ``terminated`` must be true).
+    :param framed: False when the request declared neither a length nor
+        chunked encoding: a terminated stream that is empty then means the
+        client sent no length (gunicorn marks every body terminated), not an
+        empty body, and is refused as 411.
     :raises UploadError: any refusal; every handler has been aborted by then.
+        :class:`~uploadkit.errors.ClientTimeout` when the client stalled or
+        trickled past ``limits.idle_timeout``/``limits.min_rate``.
     """
     check_length(content_length, terminated, limits)
     boundary = parse_boundary(content_type)
@@ -72,7 +93,8 @@ def read_multipart(stream: Readable, *, content_type: str, content_length: Optio
     decoder = MultipartDecoder(boundary, limits)
     try:
         pipeline.start()
-        _pump(stream, decoder, pipeline, content_length, limits, read_size, progress)
+        _pump(stream, decoder, pipeline, content_length, limits, read_size, progress,
+              read_clock(environ, limits), framed)
         pipeline.finish()
     except BaseException as exc:
         pipeline.abort(exc)
@@ -82,15 +104,16 @@ def read_multipart(stream: Readable, *, content_type: str, content_length: Optio
 
 def _pump(stream: Readable, decoder: MultipartDecoder, pipeline: Pipeline,
           content_length: Optional[int], limits: Limits, read_size: int,
-          progress: ProgressListener) -> None:
+          progress: ProgressListener, clock: Optional[ReadClock], framed: bool) -> None:
     push = decoder.push
-    for chunk in _chunks(stream, content_length, limits, read_size, progress):
+    for chunk in _chunks(stream, content_length, limits, read_size, progress, clock, framed):
         push(chunk, pipeline)
     decoder.close()
 
 
 def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, read_size: int,
-            progress: ProgressListener) -> Iterator[bytes]:
+            progress: ProgressListener, clock: Optional[ReadClock] = None,
+            framed: bool = True) -> Iterator[bytes]:
     """The body's chunks, never past CONTENT_LENGTH, counted against the limit.
 
     Read sizes adapt to the client: they double while reads return quickly
@@ -98,21 +121,25 @@ def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, rea
     halve when a read waits long for its bytes (down to 16 KiB), because
     progress can only be reported between reads.
 
+    With a ``clock``, each read runs under the client's deadlines.
+
     :raises ClientDisconnected: the stream ended early or failed.
+    :raises ClientTimeout: the client stalled or trickled (``clock``).
+    :raises LengthRequired: an unframed request (see ``framed``) with no body.
     :raises RequestTooLarge: a body without length grew past the limit.
     """
     read = stream.read
     limit = limits.max_request_size
     received = 0
     size = min(FIRST_READ_SIZE, read_size)
-    clock = time.monotonic
+    now = time.monotonic
     while True:
         want = size if content_length is None else min(size, content_length - received)
         if want <= 0:
             return
-        started = clock()
+        started = now()
         try:
-            chunk = read(want)
+            chunk = read(want) if clock is None else clock.read(read, want, received)
         except UploadError:
             raise
         except (OSError, ValueError) as exc:  # socket reset, timeout, closed input
@@ -122,8 +149,10 @@ def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, rea
             if content_length is not None:
                 raise ClientDisconnected(
                     f"the body ended after {received} of {content_length} bytes")
+            if received == 0 and not framed:
+                raise LengthRequired(_NO_LENGTH)
             return
-        took = clock() - started
+        took = now() - started
         if took > SLOW_READ:
             size = max(min(MIN_READ_SIZE, read_size), size // 2)
         elif took < FAST_READ and size < read_size:
@@ -142,7 +171,8 @@ def read_raw(stream: Readable, *, filename: str, content_type: str = "",
              content_length: Optional[int], field_name: str = "file",
              limits: Limits = Limits(), handlers: Optional[Sequence[UploadHandler]] = None,
              environ: Optional[Dict[str, Any]] = None, progress: ProgressListener = NULL_PROGRESS,
-             read_size: int = DEFAULT_READ_SIZE, terminated: bool = False) -> Pipeline:
+             read_size: int = DEFAULT_READ_SIZE, terminated: bool = False,
+             framed: bool = True) -> Pipeline:
     """Stream a bare body (``PUT /files/photo.jpg``) as one file through the same chain.
 
     The pipeline does not care where its bytes come from: this driver and
@@ -160,7 +190,8 @@ def read_raw(stream: Readable, *, filename: str, content_type: str = "",
     try:
         pipeline.start()
         pipeline.start_file(field_name, filename, content_type)
-        _copy(stream, pipeline, content_length, limits, read_size, progress)
+        _copy(stream, pipeline, content_length, limits, read_size, progress,
+              read_clock(environ, limits), framed)
         pipeline.end_file()
         pipeline.finish()
     except BaseException as exc:
@@ -170,6 +201,7 @@ def read_raw(stream: Readable, *, filename: str, content_type: str = "",
 
 
 def _copy(stream: Readable, pipeline: Pipeline, content_length: Optional[int], limits: Limits,
-          read_size: int, progress: ProgressListener) -> None:
-    for chunk in _chunks(stream, content_length, limits, read_size, progress):
+          read_size: int, progress: ProgressListener, clock: Optional[ReadClock],
+          framed: bool) -> None:
+    for chunk in _chunks(stream, content_length, limits, read_size, progress, clock, framed):
         pipeline.feed(chunk)

@@ -3,7 +3,9 @@ request bodies. It answers with JSON describing what the app was handed.
 
 Configured by environment variables so each test chooses:
 ``UPLOADKIT_TEST_TEMPDIR`` (temp files go there; every file is kept in one) and
-``UPLOADKIT_TEST_MAX_REQUEST`` (``Limits.max_request_size``, optional).
+``UPLOADKIT_TEST_MAX_REQUEST`` (``Limits.max_request_size``, optional),
+``UPLOADKIT_TEST_IDLE_TIMEOUT`` and ``UPLOADKIT_TEST_MIN_RATE`` (``Limits.idle_timeout``
+and ``Limits.min_rate``, optional).
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ def describe(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Ite
 
 def _limits() -> Limits:
     raw = os.environ.get("UPLOADKIT_TEST_MAX_REQUEST")
-    return Limits(max_request_size=int(raw)) if raw else Limits()
+    options: Dict[str, Any] = {"max_request_size": int(raw)} if raw else {}
+    for name, key in (("idle_timeout", "UPLOADKIT_TEST_IDLE_TIMEOUT"), ("min_rate", "UPLOADKIT_TEST_MIN_RATE")):
+        if os.environ.get(key):
+            options[name] = float(os.environ[key])
+    return Limits(**options)
 
 
 app = UploadMiddleware(describe, progress=False, tempdir=os.environ.get("UPLOADKIT_TEST_TEMPDIR"),

@@ -106,12 +106,14 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15
 
 @contextlib.contextmanager
 def gunicorn(app: str = "tests.support.gunicorn_app:app", env: Optional[Dict[str, str]] = None,
-             timeout: float = 15.0, workers: int = 1) -> Iterator[str]:
-    """Run gunicorn (sync workers) serving ``app``; yield its base URL."""
+             timeout: float = 15.0, workers: int = 1, worker_class: str = "sync",
+             threads: int = 1) -> Iterator[str]:
+    """Run gunicorn (sync workers, or ``worker_class="gthread"`` with
+    ``threads``) serving ``app``; yield its base URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-           "--worker-class", "sync", "--timeout", "30", "--graceful-timeout", "2",
-           "--log-level", "warning", app]
+           "--worker-class", worker_class, "--threads", str(threads), "--timeout", "30",
+           "--graceful-timeout", "2", "--log-level", "warning", app]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
