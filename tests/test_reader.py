@@ -417,3 +417,15 @@ def test_deadline_limits_are_validated(value: Any) -> None:
             Limits(**{name: value})
     assert Limits(idle_timeout=None, min_rate=None).idle_timeout is None
     assert (Limits().idle_timeout, Limits().min_rate) == (60.0, 500)
+
+
+def test_deadline_watchdog_fires_and_forgets_cancelled_reads() -> None:
+    from uploadkit.deadlines import WATCHDOG
+
+    # A fast upload: many reads, each with a deadline minutes away, each cancelled.
+    for _ in range(10_000):
+        WATCHDOG.cancel(WATCHDOG.schedule(time.monotonic() + 600, lambda: None))
+    assert len(WATCHDOG._heap) < 200
+    fired = threading.Event()
+    WATCHDOG.schedule(time.monotonic() + 0.05, fired.set)
+    assert fired.wait(5)

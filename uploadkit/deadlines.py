@@ -141,9 +141,15 @@ class _Watchdog:
     """
 
     def __init__(self) -> None:
+        self._seq = itertools.count()
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also run in a forked child: the parent's lock may have been held by
+        # its watchdog thread at the fork, and that thread is not in the child.
         self._cond = threading.Condition()
         self._heap: List[List[Any]] = []  # [when, seq, callback or None once cancelled]
-        self._seq = itertools.count()
+        self._cancelled = 0  # entries in the heap that were cancelled
         self._pid: Optional[int] = None
 
     def schedule(self, when: float, callback: Callable[[], None]) -> List[Any]:
@@ -152,6 +158,7 @@ class _Watchdog:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._heap = []
+                self._cancelled = 0
                 threading.Thread(target=self._run, name="uploadkit-read-deadlines", daemon=True).start()
             heapq.heappush(self._heap, entry)
             if self._heap[0] is entry:
@@ -159,8 +166,18 @@ class _Watchdog:
         return entry
 
     def cancel(self, entry: List[Any]) -> None:
-        # Left in the heap, skipped when it comes up: cancelling is then O(1).
-        entry[2] = None
+        # Marked, and skipped when it comes up; once most of the heap is
+        # cancelled entries it is rebuilt, so a fast upload's many short reads
+        # (each with a deadline minutes away) do not pile up in memory.
+        with self._cond:
+            if entry[2] is None:
+                return
+            entry[2] = None
+            self._cancelled += 1
+            if self._cancelled > 64 and 2 * self._cancelled > len(self._heap):
+                self._heap = [e for e in self._heap if e[2] is not None]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
 
     def _run(self) -> None:
         pid = os.getpid()
@@ -171,6 +188,7 @@ class _Watchdog:
                 heap = self._heap
                 while heap and heap[0][2] is None:
                     heapq.heappop(heap)
+                    self._cancelled -= 1
                 if not heap:
                     self._cond.wait()
                     continue
@@ -178,7 +196,8 @@ class _Watchdog:
                 if delay > 0:
                     self._cond.wait(delay)
                     continue
-                callback = heapq.heappop(heap)[2]
+                entry = heapq.heappop(heap)
+                callback, entry[2] = entry[2], None  # run once; a later cancel() is a no-op
             try:
                 callback()
             except Exception:  # pragma: no cover - a socket closed under us: nothing to cut
@@ -186,3 +205,5 @@ class _Watchdog:
 
 
 WATCHDOG = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=WATCHDOG._reset)
