@@ -429,3 +429,24 @@ def test_deadline_watchdog_fires_and_forgets_cancelled_reads() -> None:
     fired = threading.Event()
     WATCHDOG.schedule(time.monotonic() + 0.05, fired.set)
     assert fired.wait(5)
+
+
+def test_time_the_server_spends_on_the_bytes_is_not_the_clients(tmp_path: Any) -> None:
+    """Slow storage (here a handler that takes 0.4 s a chunk) does not count
+    against a client that sent everything at once."""
+    class SlowSink(UploadHandler):
+        def receive(self, info: Any, chunk: bytes) -> Optional[bytes]:
+            time.sleep(0.4)
+            return chunk
+
+    server, client = socket.socketpair()
+    sender = threading.Thread(target=client.sendall, args=(BODY,), daemon=True)
+    sender.start()
+    with server.makefile("rb") as stream:
+        p = _read(stream, limits=Limits(idle_timeout=0.3, min_rate=10_000_000),
+                  environ={"gunicorn.socket": server}, read_size=16384,
+                  handlers=[SlowSink(), HashingHandler(), MemoryHandler()])
+    _check(p)
+    sender.join(10)
+    client.close()
+    server.close()
