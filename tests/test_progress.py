@@ -27,6 +27,7 @@ from uploadkit.progress import (
     MemoryStore,
     ProgressApp,
     ProgressListener,
+    ProgressRefused,
     ProgressSettings,
     StoreProgress,
     progress_id_from_environ,
@@ -228,6 +229,45 @@ def test_memory_store_sweeps_expired_entries_on_write() -> None:
 def test_memory_store_checks_its_bound() -> None:
     with pytest.raises(ValueError, match="max_entries"):
         MemoryStore(max_entries=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        MemoryStore(max_bytes=10, max_value_bytes=100)
+
+
+def test_memory_store_bounds_its_bytes_and_each_value() -> None:
+    store = MemoryStore(max_bytes=10_000, max_value_bytes=5_000)
+    with pytest.raises(ProgressRefused):
+        store.set("big", {"x": "a" * 6_000}, 60)  # as memcached refuses an item over its size
+    assert store.get("big") is None and store.nbytes == 0
+    for i in range(20):
+        store.set(f"k{i}", {"x": "a" * 3_000}, 60)
+        assert store.nbytes <= 10_000
+    assert len(store) == 3 and store.get("k19") is not None and store.get("k16") is None
+    store.delete("k19")
+    store.set("k18", {"x": 1}, 60)
+    assert store.nbytes == len('{"x":"' + "a" * 3_000 + '"}') + len('{"x":1}')
+
+
+def test_memcached_refusing_one_value_is_not_an_outage(memcached_server: MemcachedServer,  # noqa: F811
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """memcached answers SERVER_ERROR for an item over its size: that item's
+    problem. The breaker stays closed; other ids read and write at once."""
+    store = MemcachedStore(memcached_server.address, retry_after=60, max_value_bytes=8 << 20)
+    try:
+        store.set("small", {"state": "uploading", "received": 1}, 60)
+        with caplog.at_level(logging.WARNING, logger="uploadkit"):
+            with pytest.raises(ProgressRefused, match="too large"):  # the server's own words
+                store.set("huge", {"x": "\x01" * 400_000}, 60)  # 2.4 MB of JSON
+        assert store.available and "refused" in caplog.text and "failed" not in caplog.text
+        assert store.get("small") == {"state": "uploading", "received": 1}
+        store.set("after", {"state": "done"}, 60)
+        assert store.get("after") == {"state": "done"}
+    finally:
+        store.close()
+    # Refused before the network when over the store's own bound (1 MB by default).
+    offline = MemcachedStore("127.0.0.1:9")
+    with pytest.raises(ProgressRefused, match="limit is 1000000"):
+        offline.set("huge", {"x": "a" * 1_000_001}, 60)
+    assert offline.available
 
 
 # -- memcached specifics --------------------------------------------------------------
@@ -813,7 +853,8 @@ def test_sse_streams_changes_until_final() -> None:
 def test_sse_heartbeats_and_bounded_lifetime() -> None:
     clock = FakeClock()
     store = ScriptedStore([None])
-    app = ProgressApp(store, ProgressSettings(sse_poll=0.5, sse_heartbeat=2.0, sse_lifetime=10.0),
+    app = ProgressApp(store, ProgressSettings(sse_poll=0.5, sse_heartbeat=2.0, sse_lifetime=10.0,
+                                              sse_start_wait=60.0),  # the lifetime ends it
                       clock=clock, sleep=clock.advance)
     t0 = clock.now
     r = call(app, "X-Progress-ID=abc", HTTP_ACCEPT="text/event-stream")
@@ -905,3 +946,176 @@ def test_memcached_server_specs(spec: Any, expected: Tuple[str, int]) -> None:
     from uploadkit.progress import _parse_server
 
     assert _parse_server(spec) == expected
+
+
+# -- bounds, liveness, held final states, stream cap --------------------------------------
+
+HOSTILE_NAME = "\x01" * 7900  # JSON spends six bytes on each
+
+
+def test_a_status_is_bounded_whatever_the_names() -> None:
+    store = RecordingStore()
+    settings = ProgressSettings()
+    p, clock = listener(store, settings)
+    p.start(ctx(800_000))
+    for i in range(100):
+        info = file_info(f"{i:03}{HOSTILE_NAME}", i, field=HOSTILE_NAME)
+        p.file_start(info)
+        p.file_end(info)
+    p.error(FileTooLarge(f"file {HOSTILE_NAME!r} is too large", field=HOSTILE_NAME, limit=1))
+    value = store.get("up-1")
+    assert value is not None
+    assert all(len(json.dumps(v, separators=(",", ":"))) <= settings.max_status_bytes for _, v, _ in store.writes)
+    # Six bytes a character: not all 100 files fit; the newest are kept, the count stays.
+    assert 0 < len(value["files"]) < 100 and value["file_count"] == 100
+    assert value["files"][-1]["filename"].startswith("099")
+    first = value["files"][0]
+    assert len(first["field"]) == len(first["filename"]) == 200 and first["field"].endswith("\u2026")
+    assert len(value["error"]["message"]) == 800 and len(value["error"]["field"]) == 200
+    assert value["error"]["code"] == "file_too_large" and value["status"] == 413
+
+    # A tighter bound: the oldest files go first, the count stays.
+    store = RecordingStore()
+    p, clock = listener(store, ProgressSettings(max_status_bytes=4096))
+    p.start(ctx(None))
+    for i in range(100):
+        info = file_info(f"{HOSTILE_NAME}{i:03}", i)
+        p.file_start(info)
+        p.file_end(info)
+    p.done(ctx(None))
+    value = store.get("up-1")
+    assert value is not None and value["state"] == "done" and value["file_count"] == 100
+    assert 0 < len(value["files"]) < 100 and value["files"][-1]["filename"].endswith("\u2026")
+    assert all(len(json.dumps(v, separators=(",", ":"))) <= 4096 for _, v, _ in store.writes)
+
+
+def test_a_status_silent_too_long_reads_as_stopped() -> None:
+    now = [1_700_000_100.0]
+    store = MemoryStore()
+    app = ProgressApp(store, ProgressSettings(stale_after=30.0), wall_clock=lambda: now[0])
+    for state in ("uploading", "processing", "starting"):
+        store.set("a", {"state": state, "received": 5, "size": 10, "rate": 3, "eta": 2.0,
+                        "updated_at": 1_700_000_075.0}, 60)
+        assert call(app, "X-Progress-ID=a").json()["state"] == state  # 25 s: alive
+    now[0] = 1_700_000_106.0  # 31 s without a write
+    value = call(app, "X-Progress-ID=a").json()
+    assert (value["state"], value["status"], value["received"], value["size"]) == ("error", 502, 5, 10)
+    assert value["error"]["code"] == "upload_stopped" and value["error"]["limit"] == 30.0
+    assert value["error"]["message"] == ("the upload stopped: the server receiving it has not reported "
+                                         "for 31 s (the limit is 30 s)")
+    assert value["rate"] is None and value["eta"] is None
+    events = sse_events(call(app, "X-Progress-ID=a", HTTP_ACCEPT="text/event-stream").body)
+    assert len(events) == 1 and '"upload_stopped"' in events[0]  # final: the stream ends
+    store.set("b", {"state": "done", "received": 1, "size": 1, "updated_at": 1.0}, 60)
+    assert call(app, "X-Progress-ID=b").json()["state"] == "done"  # final states never go stale
+    store.set("c", {"state": "uploading", "received": 1, "size": 2}, 60)
+    assert call(app, "X-Progress-ID=c").json()["state"] == "uploading"  # no mark: an older writer
+
+
+def test_a_heartbeat_keeps_a_stalled_upload_alive() -> None:
+    # Real clock on purpose: the flusher writes the heartbeats.
+    store = RecordingStore()
+    p = StoreProgress(store, "beat", ProgressSettings(heartbeat=0.05, stale_after=0.5, refresh=60.0))
+    c = RequestContext(limits=Limits(), content_length=10 * MiB)
+    p.start(c)
+    p.advance(MiB, 10 * MiB)  # and then the client stalls: no read, no advance
+    deadline = time.monotonic() + 5
+    while len(store.writes) < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(store.writes) >= 6, store.writes
+    marks = [v["updated_at"] for _, v, _ in store.writes]
+    assert marks == sorted(marks) and marks[-1] - marks[0] > 0.15
+    assert {v["state"] for _, v, _ in store.writes} == {"uploading"}
+    p.done(c)
+    writes = len(store.writes)
+    time.sleep(0.3)
+    assert len(store.writes) == writes and store.get("beat")["state"] == "done"  # type: ignore[index]
+
+
+def test_a_final_state_the_store_failed_to_take_is_written_once_it_answers() -> None:
+    from uploadkit import progress as progress_mod
+
+    class Down(RecordingStore):
+        down = True
+
+        def set(self, progress_id: str, value: Dict[str, Any], ttl: int) -> None:
+            if self.down:
+                raise ConnectionError("store is down")
+            super().set(progress_id, value, ttl)
+
+    store = Down()
+    settings = ProgressSettings(store_retry=0.05)
+    for n in range(3):
+        p = StoreProgress(store, f"held-{n}", settings)
+        c = RequestContext(limits=Limits(), content_length=100)
+        p.start(c)
+        p.advance(100, 100)
+        if n == 2:
+            p.error(FileTooLarge("too large", limit=1))
+        else:
+            p.done(c)
+    time.sleep(0.2)
+    assert store.writes == []
+    store.down = False
+    deadline = time.monotonic() + 5
+    while len(store.writes) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted((pid, v["state"], ttl) for pid, v, ttl in store.writes) == [
+        ("held-0", "done", 60), ("held-1", "done", 60), ("held-2", "error", 60)]
+    assert store.get("held-0")["received"] == 100  # type: ignore[index]
+    assert [key for key in progress_mod._PENDING._held if key[0] == id(store)] == []
+    time.sleep(0.2)
+    assert len(store.writes) == 3  # written once
+
+
+def test_event_streams_are_capped_and_end_without_an_upload() -> None:
+    clock = FakeClock()
+    store = MemoryStore()
+    store.set("up", {"state": "uploading", "received": 1, "size": 9}, 60)
+    app = ProgressApp(store, ProgressSettings(sse_max_streams=2, sse_poll=0.5, sse_start_wait=3.0),
+                      clock=clock, sleep=clock.advance)
+
+    def open_stream(pid: str) -> Tuple[str, Dict[str, str], Any]:
+        seen: Dict[str, Any] = {}
+
+        def start_response(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> None:
+            seen.update(status=status, headers=dict(headers))
+
+        env = environ(f"X-Progress-ID={pid}", HTTP_ACCEPT="text/event-stream")
+        env["PATH_INFO"] = "/upload/progress"
+        body = app(env, start_response)
+        return seen["status"], seen["headers"], body
+
+    _, h1, s1 = open_stream("up")
+    _, h2, s2 = open_stream("up")
+    assert h1["Content-Type"].startswith("text/event-stream") and app.open_streams == 2
+    status, h3, s3 = open_stream("up")  # over the cap: the poll answer
+    assert status == "200 OK" and h3["Content-Type"] == "application/json"
+    assert json.loads(b"".join(s3)) == {"state": "uploading", "received": 1, "size": 9}
+    s1.close()  # closed by the server before its first chunk: the slot comes back
+    assert app.open_streams == 1
+    next(iter(s2))
+    s2.close()
+    assert app.open_streams == 0
+    # An id with no upload ends after sse_start_wait, not sse_lifetime.
+    t0 = clock.now
+    _, h4, s4 = open_stream("nobody")
+    blocks = sse_events(b"".join(s4))
+    assert blocks[-1] == ": no upload with this id, reconnect" and clock.now - t0 == pytest.approx(3.0)
+    assert app.open_streams == 0
+    r = call(ProgressApp(store, ProgressSettings(sse_max_streams=0)), "X-Progress-ID=up",
+             HTTP_ACCEPT="text/event-stream")
+    assert r.headers["Content-Type"] == "application/json"  # 0: every client polls
+
+
+def test_new_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="stale_after"):
+        ProgressSettings(heartbeat=5.0, stale_after=9.0)
+    with pytest.raises(ValueError, match="max_status_bytes"):
+        ProgressSettings(max_status_bytes=2_000_000)
+    with pytest.raises(ValueError, match="max_name_length"):
+        ProgressSettings(max_name_length=0)
+    with pytest.raises(ValueError, match="sse_max_streams"):
+        ProgressSettings(sse_max_streams=-1)
+    with pytest.raises(ValueError, match="sse_start_wait"):
+        ProgressSettings(sse_start_wait=0)

@@ -34,7 +34,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from importlib import resources
 from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List,
-                    Optional, Protocol, Sequence, Tuple, Union)
+                    Optional, Protocol, Sequence, Set, Tuple, Union)
 from urllib.parse import parse_qsl
 
 from .errors import BadProgressId, ProgressUnavailable, UploadError
@@ -82,6 +82,25 @@ class ProgressListener:
 
 
 NULL_PROGRESS = ProgressListener()
+
+
+class ProgressRefused(ProgressUnavailable):
+    """The store answered but refused this one value (memcached: too large, or
+    a value its client will not send). The store itself is up: no breaker
+    opens, and other uploads' progress goes on."""
+
+    code = "progress_refused"
+
+
+class UploadStopped(UploadError):
+    """What a status poll reports for an upload whose status stopped being
+    written while not final: the process receiving it died or hangs.
+
+    502, as nginx answers (and its upload-progress module reports) an upload
+    whose upstream went away before answering."""
+
+    status = 502
+    code = "upload_stopped"
 
 
 # -- progress ids ------------------------------------------------------------
@@ -136,6 +155,10 @@ def progress_id_from_environ(environ: Environ) -> Optional[str]:
 
 # -- settings -------------------------------------------------------------------
 
+#: The largest value worth sending to memcached: its default item size (1 MiB,
+#: ``-I``) less room for the key and the item header.
+_MEMCACHED_ITEM = 1_000_000
+
 @dataclass(frozen=True)
 class ProgressSettings:
     """How often progress is written and how the status route streams it.
@@ -177,10 +200,40 @@ class ProgressSettings:
     sse_lifetime: float = 120.0
     #: Reconnection delay suggested to EventSource, in milliseconds.
     sse_retry_ms: int = 1000
+    #: Event streams open at once on one status route of one process. Each
+    #: holds a server thread for as long as it lasts, so this stays well below
+    #: the threads a worker has (gunicorn gthread: ``--threads``), or a dozen
+    #: idle pages take the worker. A stream asked for beyond it gets the plain
+    #: JSON poll answer, and clients poll instead. 0: every client polls.
+    sse_max_streams: int = 2
+    #: An event stream whose id has no upload (yet, or any more) ends after this
+    #: long: enough for a bar opened just before its upload to see it start,
+    #: short enough that an id that never starts cannot hold a thread for
+    #: ``sse_lifetime``. EventSource reconnects by itself.
+    sse_start_wait: float = 5.0
+    #: Longest field name or filename kept in a status, in characters: a bar
+    #: shows names, and JSON spends up to six bytes on each control character,
+    #: so a hostile 8,000-character name must not reach the store.
+    max_name_length: int = 200
+    #: Largest status written, in bytes of JSON. memcached refuses items over
+    #: its item size (``-I``, 1 MiB by default), and each bar reads its status
+    #: several times a second; 100 files with ordinary 200-character names
+    #: take about 45 KB. Above it the oldest files' detail is dropped
+    #: (``file_count`` keeps the total).
+    max_status_bytes: int = 64 * 1024
+    #: While its request is open a listener writes at least this often, even
+    #: when no byte arrives (a stalled client): the write time it records
+    #: (``updated_at``, wall clock) is the upload's proof of life.
+    heartbeat: float = 5.0
+    #: A status that is not final and was not written for this long is
+    #: answered as ``error`` 502 ``upload_stopped``: the process receiving the
+    #: upload died (SIGKILL, out of memory) or hangs. Compared across hosts on
+    #: the wall clock: keep it well above ``heartbeat`` plus the clock skew.
+    stale_after: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("interval", "refresh", "rate_window", "store_retry", "sse_poll",
-                     "sse_heartbeat", "sse_lifetime"):
+                     "sse_heartbeat", "sse_lifetime", "sse_start_wait", "heartbeat", "stale_after"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
                 raise ValueError(f"ProgressSettings.{name} must be a positive number of seconds, not {value!r}")
@@ -191,10 +244,20 @@ class ProgressSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or not 1 <= value <= 30 * 86400:
                 raise ValueError(f"ProgressSettings.{name} must be an int from 1 to 2592000 seconds, not {value!r}")
-        for name in ("max_files", "sse_retry_ms"):
+        for name in ("max_files", "sse_retry_ms", "sse_max_streams"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"ProgressSettings.{name} must be a non-negative int, not {value!r}")
+        if not isinstance(self.max_name_length, int) or not 8 <= self.max_name_length <= 4096:
+            raise ValueError("ProgressSettings.max_name_length must be an int from 8 to 4096 characters, "
+                             f"not {self.max_name_length!r}")
+        if not isinstance(self.max_status_bytes, int) or not 1024 <= self.max_status_bytes <= _MEMCACHED_ITEM:
+            raise ValueError(f"ProgressSettings.max_status_bytes must be an int from 1024 to {_MEMCACHED_ITEM} "
+                             f"(memcached's default item size, less room for its key), "
+                             f"not {self.max_status_bytes!r}")
+        if self.stale_after < 2 * self.heartbeat:
+            raise ValueError(f"ProgressSettings.stale_after ({self.stale_after!r} s) must be at least twice "
+                             f"the heartbeat ({self.heartbeat!r} s), or a live upload could read as stopped")
 
 
 DEFAULT_SETTINGS = ProgressSettings()
@@ -227,6 +290,24 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
+def _cut(text: Optional[str], limit: int) -> Optional[str]:
+    """``text`` shortened to ``limit`` characters, an ellipsis saying so."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit - 1] + "\u2026"
+
+
+def _minimal(value: ProgressValue) -> ProgressValue:
+    """The counts of a status, without names or messages: what always fits."""
+    out: ProgressValue = {k: value[k] for k in ("state", "received", "size", "status", "rate", "eta",
+                                 "started_at", "elapsed", "updated_at", "file_count") if k in value}
+    error = value.get("error")
+    if isinstance(error, dict):
+        out["error"] = {"code": error.get("code"), "message": "the upload failed (the message was too long to keep)",
+                        "field": None, "limit": None}
+    return out
+
+
 class MemoryStore:
     """Progress in this process: the default for a single-process server.
 
@@ -240,14 +321,23 @@ class MemoryStore:
     served by different processes.
     """
 
-    def __init__(self, max_entries: int = 10000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_entries: int = 10000, clock: Callable[[], float] = time.monotonic, *,
+                 max_bytes: int = 64 << 20, max_value_bytes: int = _MEMCACHED_ITEM) -> None:
         if not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"MemoryStore.max_entries must be a positive int, not {max_entries!r}")
+        if not isinstance(max_value_bytes, int) or max_value_bytes < 1:
+            raise ValueError(f"MemoryStore.max_value_bytes must be a positive int, not {max_value_bytes!r}")
+        if not isinstance(max_bytes, int) or max_bytes < max_value_bytes:
+            raise ValueError(f"MemoryStore.max_bytes must be an int of at least max_value_bytes "
+                             f"({max_value_bytes}), not {max_bytes!r}")
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_value_bytes = max_value_bytes
         self._clock = clock
         self._lock = threading.Lock()
         # id -> (expiry on self._clock, JSON text); ordered oldest write first.
         self._entries: "OrderedDict[str, Tuple[float, str]]" = OrderedDict()
+        self._bytes = 0  # JSON text held, all entries (ASCII: characters are bytes)
 
     def get(self, progress_id: str) -> Optional[ProgressValue]:
         with self._lock:
@@ -256,35 +346,52 @@ class MemoryStore:
                 return None
             if entry[0] <= self._clock():
                 del self._entries[progress_id]
+                self._bytes -= len(entry[1])
                 return None
             text = entry[1]
         value = json.loads(text)
         return value if isinstance(value, dict) else None
 
     def set(self, progress_id: str, value: ProgressValue, ttl: int) -> None:
+        """:raises ProgressRefused: the value's JSON is over ``max_value_bytes``
+            (memcached would refuse it too); the entry is left as it was."""
         text = _dumps(value)
+        if len(text) > self.max_value_bytes:
+            raise ProgressRefused(f"progress value for {progress_id} is {len(text)} bytes of JSON; "
+                                  f"the limit is {self.max_value_bytes}", limit=self.max_value_bytes)
         now = self._clock()
         entries = self._entries
         with self._lock:
+            old = entries.pop(progress_id, None)
+            if old is not None:
+                self._bytes -= len(old[1])
             entries[progress_id] = (now + ttl, text)
-            entries.move_to_end(progress_id)
+            self._bytes += len(text)
             # The oldest write is at the front: drop it while it has expired or
-            # the store is over its bound. Amortized O(1) per set.
+            # the store is over a bound. Amortized O(1) per set.
             while entries:
                 oldest = next(iter(entries.values()))
-                if len(entries) > self.max_entries or oldest[0] <= now:
-                    entries.popitem(last=False)
+                if len(entries) > self.max_entries or self._bytes > self.max_bytes or oldest[0] <= now:
+                    self._bytes -= len(entries.popitem(last=False)[1][1])
                 else:
                     break
 
     def delete(self, progress_id: str) -> None:
         with self._lock:
-            self._entries.pop(progress_id, None)
+            old = self._entries.pop(progress_id, None)
+            if old is not None:
+                self._bytes -= len(old[1])
 
     def __len__(self) -> int:
         """Entries held, including expired ones not swept yet."""
         with self._lock:
             return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of JSON held, including expired entries not swept yet."""
+        with self._lock:
+            return self._bytes
 
     def __repr__(self) -> str:
         return f"MemoryStore(max_entries={self.max_entries})"
@@ -333,26 +440,46 @@ class _Node:
                     # Half open: this call probes, the others keep skipping.
                     self.retry_at = now + self.retry_after
                     probing = True
-        from pymemcache.exceptions import MemcacheError
+        from pymemcache.exceptions import (MemcacheClientError, MemcacheError, MemcacheServerError,
+                                           MemcacheUnexpectedCloseError)
         try:
             result = self._run(fn)
+        except MemcacheUnexpectedCloseError as exc:  # a server error by class, an outage in fact
+            raise self._failed(what, exc) from exc
+        except (MemcacheServerError, MemcacheClientError) as exc:
+            # The server answered (SERVER_ERROR object too large for cache, out
+            # of memory storing object), or the client would not send this
+            # value: one value's problem. Counted as an outage, one hostile
+            # upload would switch progress off for every upload of the worker.
+            if probing:
+                self._recovered()
+            log.warning("uploadkit: progress store memcached %s refused a %s: %s: %s",
+                        self.name, what, type(exc).__name__, exc)
+            raise ProgressRefused(f"progress store memcached {self.name} refused a {what}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
         except (MemcacheError, OSError) as exc:
-            with self.lock:
-                was_down = self.down
-                self.down = True
-                self.retry_at = self.clock() + self.retry_after
-            if not was_down:
-                log.warning("uploadkit: progress store memcached %s failed on %s (%s: %s); "
-                            "progress is skipped, retrying every %.1f s",
-                            self.name, what, type(exc).__name__, exc, self.retry_after)
-            raise ProgressUnavailable(
-                f"progress store memcached {self.name} is unavailable: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise self._failed(what, exc) from exc
         if probing:
-            with self.lock:
-                self.down = False
-            log.warning("uploadkit: progress store memcached %s is reachable again", self.name)
+            self._recovered()
         return result
+
+    def _failed(self, what: str, exc: BaseException) -> ProgressUnavailable:
+        """Open the breaker (logged once per outage); the error to raise."""
+        with self.lock:
+            was_down = self.down
+            self.down = True
+            self.retry_at = self.clock() + self.retry_after
+        if not was_down:
+            log.warning("uploadkit: progress store memcached %s failed on %s (%s: %s); "
+                        "progress is skipped, retrying every %.1f s",
+                        self.name, what, type(exc).__name__, exc, self.retry_after)
+        return ProgressUnavailable(
+            f"progress store memcached {self.name} is unavailable: {type(exc).__name__}: {exc}")
+
+    def _recovered(self) -> None:
+        with self.lock:
+            self.down = False
+        log.warning("uploadkit: progress store memcached %s is reachable again", self.name)
 
     def _run(self, fn: Callable[[Any], Any]) -> Any:
         """``fn`` on a pooled connection, passing over the ones the server
@@ -394,12 +521,19 @@ class MemcachedStore:
     :param max_pool_size: connections per server; None grows with the number
         of concurrent requests (pymemcache raises beyond a fixed bound).
     :param pool_idle_timeout: idle connections are closed after this many seconds.
+    :param max_value_bytes: larger values are refused here, without a call
+        (memcached's default item size is 1 MiB).
+
+    A value the server refuses (``SERVER_ERROR object too large for cache``)
+    raises :class:`ProgressRefused` and leaves the breaker closed: it says
+    nothing about the server, which answered.
     """
 
     def __init__(self, servers: Union[ServerSpec, Sequence[ServerSpec]] = "127.0.0.1:11211", *,
                  prefix: str = "uploadkit:", connect_timeout: float = 0.2, timeout: float = 0.2,
                  retry_after: float = 5.0, max_pool_size: Optional[int] = None,
-                 pool_idle_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 pool_idle_timeout: float = 60.0, max_value_bytes: int = _MEMCACHED_ITEM,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         from pymemcache.client.base import PooledClient
         from pymemcache.client.rendezvous import RendezvousHash
 
@@ -412,8 +546,11 @@ class MemcachedStore:
                              "characters without spaces")
         if not retry_after > 0:
             raise ValueError(f"MemcachedStore.retry_after must be positive, not {retry_after!r}")
+        if not isinstance(max_value_bytes, int) or max_value_bytes < 1:
+            raise ValueError(f"MemcachedStore.max_value_bytes must be a positive int, not {max_value_bytes!r}")
         self.prefix = prefix
         self.retry_after = retry_after
+        self.max_value_bytes = max_value_bytes
         self._nodes: Dict[str, _Node] = {}
         for host, port in self.servers:
             name = f"{host}:{port}"
@@ -441,8 +578,14 @@ class MemcachedStore:
         return value if isinstance(value, dict) else None
 
     def set(self, progress_id: str, value: ProgressValue, ttl: int) -> None:
+        """:raises ProgressRefused: the value is over ``max_value_bytes``, or the
+            server refused it; the server's breaker stays closed.
+        :raises ProgressUnavailable: the server is down or slow."""
         key = validate_progress_id(progress_id)
         data = _dumps(value).encode("utf-8")
+        if len(data) > self.max_value_bytes:
+            raise ProgressRefused(f"progress value for {progress_id} is {len(data)} bytes of JSON; "
+                                  f"the limit is {self.max_value_bytes}", limit=self.max_value_bytes)
         self._node(key).call("set", lambda c: c.set(key, data, expire=int(ttl), noreply=False))
 
     def delete(self, progress_id: str) -> None:
@@ -493,11 +636,11 @@ class _Flusher:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: List[Tuple[float, int, "StoreProgress"]] = []
+        self._heap: List[Tuple[float, int, "_Flushable"]] = []
         self._seq = itertools.count()
         self._thread: Optional[threading.Thread] = None
 
-    def schedule(self, when: float, listener: "StoreProgress") -> None:
+    def schedule(self, when: float, listener: "_Flushable") -> None:
         with self._cond:
             heapq.heappush(self._heap, (when, next(self._seq), listener))
             if self._thread is None or not self._thread.is_alive():
@@ -517,10 +660,117 @@ class _Flusher:
                     self._cond.wait(delay)
                     continue
                 heapq.heappop(self._heap)
-            listener._flush()
+            try:
+                listener._flush()
+            except Exception:  # the thread serves every upload: it must not die
+                log.exception("uploadkit: a delayed progress write failed")
 
 
 _FLUSHER = _Flusher()
+
+
+class _Flushable(Protocol):
+    def _flush(self) -> None: ...
+
+
+class _Held:
+    __slots__ = ("store", "progress_id", "value", "ttl", "retry", "drop_at")
+
+    def __init__(self, store: ProgressStore, progress_id: str, value: ProgressValue, ttl: int,
+                 retry: float, drop_at: float) -> None:
+        self.store = store
+        self.progress_id = progress_id
+        self.value = value
+        self.ttl = ttl
+        self.retry = retry
+        self.drop_at = drop_at
+
+
+class _PendingFinals:
+    """Final states (done, error) a store failed to take, written once it
+    answers again.
+
+    Without them an upload that ended during an outage reads ``starting`` (or
+    its last ``uploading``) for as long as its page polls: nothing else will
+    ever write its end. Bounded (the oldest is dropped first) and each entry is
+    kept only for the upload's ``ttl``; the flusher thread retries every
+    ``store_retry`` seconds, and a store whose breaker is open refuses without
+    a call, so the retries cost nothing while it is down.
+    """
+
+    def __init__(self, max_entries: int = 500) -> None:
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._held: "OrderedDict[Tuple[int, str], _Held]" = OrderedDict()
+        self._due: Optional[float] = None  # when the flusher next looks
+        self.written = 0  # for tests and curiosity
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, store: ProgressStore, progress_id: str, value: ProgressValue, ttl: int,
+             settings: ProgressSettings) -> None:
+        now = time.monotonic()
+        entry = _Held(store, progress_id, value, ttl, settings.store_retry, now + settings.ttl)
+        with self._lock:
+            key = (id(store), progress_id)
+            self._held.pop(key, None)
+            self._held[key] = entry
+            while len(self._held) > self.max_entries:
+                self._held.popitem(last=False)
+            self._arm(now + entry.retry)
+
+    def drop(self, store: ProgressStore, progress_id: str) -> None:
+        """A later write of this id reached the store: it wins."""
+        with self._lock:
+            self._held.pop((id(store), progress_id), None)
+
+    def _arm(self, when: float) -> None:  # under self._lock
+        if self._due is None or when < self._due:
+            self._due = when
+            _FLUSHER.schedule(when, self)
+
+    def _flush(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._due is not None and now < self._due:
+                return  # an earlier schedule superseded this one
+            self._due = None
+            entries = list(self._held.items())
+        down: Set[int] = set()
+        written = 0
+        for key, entry in entries:
+            if entry.drop_at <= now or key[0] in down:
+                if entry.drop_at <= now:
+                    with self._lock:
+                        if self._held.get(key) is entry:
+                            del self._held[key]
+                continue
+            try:
+                entry.store.set(entry.progress_id, entry.value, entry.ttl)
+            except ProgressRefused:
+                pass  # that value will never fit: let it go
+            except Exception as exc:
+                # One failure per store and round: a store that is still down
+                # is not asked again for each upload it holds.
+                down.add(key[0])
+                log.debug("uploadkit: final progress for %s still not written: %s", entry.progress_id, exc)
+                continue
+            else:
+                written += 1
+            with self._lock:
+                if self._held.get(key) is entry:
+                    del self._held[key]
+        with self._lock:
+            self.written += written
+            if self._held:
+                self._arm(now + min(e.retry for e in self._held.values()))
+        if written:
+            log.warning("uploadkit: progress store answers again; wrote the final state of %d "
+                        "upload(s) that ended while it was failing", written)
+
+
+_PENDING = _PendingFinals()
 
 
 class StoreProgress(ProgressListener):
@@ -568,7 +818,9 @@ class StoreProgress(ProgressListener):
         # The upload thread and the flusher both write: one at a time.
         self._lock = threading.Lock()
         self._written = -1  # bytes received at the last write
-        self._flush_armed = False
+        self._armed_at: Optional[float] = None  # the flusher's next look at this listener
+        self._beat_at = math.inf  # the next heartbeat write, once started
+        self._moved_at = self._t0  # the last write that carried news
         # The flusher keeps real time; a listener given its own clock (tests)
         # is never flushed behind its back.
         self._flushable = clock is time.monotonic
@@ -624,9 +876,11 @@ class StoreProgress(ProgressListener):
                 return
             now = self._clock()
             if not self._may_write(now):
-                if self._flushable and not self._flush_armed:
-                    self._flush_armed = True
-                    _FLUSHER.schedule(self._next_chance(now), self)
+                # Cheap when the flusher already looks no later than the
+                # throttle's next chance (the common case between writes).
+                armed = self._armed_at
+                if armed is None or armed > self._next_time:
+                    self._arm(self._next_chance(now))
                 return
             if total != self.total:
                 self.total = total
@@ -646,20 +900,40 @@ class StoreProgress(ProgressListener):
     def _next_chance(self, now: float) -> float:
         return self._next_time if now < self._next_time else self._refresh_at
 
+    def _arm(self, when: float) -> None:
+        """Have the flusher look at this listener at ``when`` (unless it will sooner)."""
+        armed = self._armed_at
+        if self._flushable and (armed is None or when < armed):
+            self._armed_at = when
+            _FLUSHER.schedule(when, self)
+
     def _flush(self) -> None:
         """Called by the flusher: write what ``advance`` held back, if still
-        unwritten and the throttle allows it now; else look again when it will."""
+        unwritten and the throttle allows it now, or a heartbeat when the
+        upload has been quiet for ``settings.heartbeat``; else look again
+        when one of them will be due."""
         with self._lock:
-            self._flush_armed = False
             try:
-                if self._final or (self.received == self._written and not self._dirty):
-                    return
                 now = self._clock()
-                if self._may_write(now):
+                if self._armed_at is not None and now >= self._armed_at:
+                    self._armed_at = None  # this is the look that was asked for
+                if self._final:
+                    return
+                held = self.received != self._written or self._dirty
+                if held and self._may_write(now):
                     self._write(now)
-                else:
-                    self._flush_armed = True
-                    _FLUSHER.schedule(self._next_chance(now), self)
+                    return
+                # A heartbeat waits out a store failure like any write, and
+                # stops once nothing moved for a whole ttl: a listener that
+                # was never ended (a bug elsewhere) then lets its entry expire.
+                beating = now - self._moved_at < self.settings.ttl
+                if beating and now >= self._beat_at and now >= self._next_time:
+                    self._write(now)
+                    return
+                if held:
+                    self._arm(min(self._next_chance(now), max(self._beat_at, self._next_time)))
+                elif beating:
+                    self._arm(max(self._beat_at, self._next_time))
             except Exception:
                 log.exception("uploadkit: progress listener failed in a delayed write")
 
@@ -742,22 +1016,46 @@ class StoreProgress(ProgressListener):
             eta = 0.0
         elif state == "uploading" and rate is not None and rate > 0 and self.total is not None:
             eta = round(max(0, self.total - received) / rate, 1)
+        cut = self.settings.max_name_length
         value: ProgressValue = {"state": state, "received": received, "size": size}
         if state == "error" and self._error is not None:
             value["status"] = self._error.status
-            value["error"] = self._error.to_dict()["error"]
+            error = self._error.to_dict()["error"]
+            # A refusal's message may quote a hostile name: bounded like names.
+            for key, limit in (("message", 4 * cut), ("field", cut), ("limit", cut)):
+                if isinstance(error.get(key), str):
+                    error[key] = _cut(error[key], limit)
+            value["error"] = error
         value["rate"] = None if rate is None else int(rate)
         value["eta"] = eta
         value["started_at"] = None if self.started_at is None else round(self.started_at, 3)
         value["elapsed"] = round(now - self._t0, 3)
+        # The liveness mark: a poll that finds it too old reads "stopped".
+        value["updated_at"] = round(self._wall_clock(), 3)
         value["files"] = [
-            {"field": s.info.field_name, "filename": s.info.filename,
+            {"field": _cut(s.info.field_name, cut), "filename": _cut(s.info.filename, cut),
              "received": s.info.size, "done": s.done}
             for s in self._files
         ]
         if self._file_count > len(self._files):
             value["file_count"] = self._file_count
         return value
+
+    def _bounded(self, value: ProgressValue) -> ProgressValue:
+        """``value``, cut until its JSON fits ``settings.max_status_bytes``:
+        first the per-file detail (the oldest files go first; ``file_count``
+        keeps the total), then everything but the counts."""
+        limit = self.settings.max_status_bytes
+        if len(_dumps(value)) <= limit:  # ASCII JSON: characters are bytes
+            return value
+        files: List[Any] = value["files"]
+        value["file_count"] = value.get("file_count", self._file_count)
+        while files:
+            files = files[(len(files) + 1) // 2:]  # keep the newer half
+            value["files"] = files
+            if len(_dumps(value)) <= limit:
+                return value
+        return _minimal(value)
 
     def _update_rate(self, now: float) -> None:
         dt = now - self._last_t
@@ -777,26 +1075,49 @@ class StoreProgress(ProgressListener):
     def _write(self, now: float) -> None:
         settings = self.settings
         self._update_rate(now)
+        if self.received != self._written or self._dirty:
+            self._moved_at = now
         self._dirty = False
         self._next_time = now + settings.interval
         self._next_bytes = self.received + self._step
         self._refresh_at = now + settings.refresh
         final = self.state in FINAL_STATES
+        ttl = settings.final_ttl if final else settings.ttl
+        value = self._bounded(self.status(now))
         try:
-            value = self.status(now)
-            self.store.set(self.progress_id, value, settings.final_ttl if final else settings.ttl)
+            try:
+                self.store.set(self.progress_id, value, ttl)
+            except ProgressRefused:
+                # This value, not the store: the counts alone still fit.
+                value = _minimal(value)
+                self.store.set(self.progress_id, value, ttl)
         except ProgressUnavailable as exc:  # the store logged the outage itself
             log.debug("uploadkit: progress for %s not written: %s", self.progress_id, exc)
-            self._next_time = now + settings.store_retry
+            self._write_failed(now, final, value, ttl)
             return
         except Exception as exc:
             self._store_failed(exc)
-            self._next_time = now + settings.store_retry
+            self._write_failed(now, final, value, ttl)
             return
         self.writes += 1
         self._written = self.received
+        if not final:
+            self._beat_at = now + settings.heartbeat
+            self._arm(self._beat_at)
+        if len(_PENDING):
+            _PENDING.drop(self.store, self.progress_id)
         if _failing_stores:
             self._store_recovered()
+
+    def _write_failed(self, now: float, final: bool, value: ProgressValue, ttl: int) -> None:
+        settings = self.settings
+        self._next_time = now + settings.store_retry
+        if final and self._flushable:
+            # Nothing else would ever write this upload's end.
+            _PENDING.hold(self.store, self.progress_id, value, ttl, settings)
+        else:
+            self._beat_at = now + settings.heartbeat
+            self._arm(max(self._beat_at, self._next_time))
 
     def _store_failed(self, exc: Exception) -> None:
         key = id(self.store)
@@ -866,7 +1187,15 @@ class ProgressApp:
     An event stream holds a server thread for up to ``settings.sse_lifetime``
     seconds: serve the route from a threaded or async-capable server (gunicorn
     ``gthread``, waitress...); on a server with a few synchronous workers,
-    clients should poll instead.
+    clients should poll instead. At most ``settings.sse_max_streams`` streams
+    are open at once on this route (in this process); a stream asked for
+    beyond that gets the JSON poll answer (EventSource then reports an error,
+    and ``uploadkit.js`` polls). A stream ends with its upload, and after
+    ``settings.sse_start_wait`` seconds for an id with no upload.
+
+    A status that is not final and was not written for ``settings.stale_after``
+    seconds (its ``updated_at``) is answered as ``error`` with status 502 and
+    code ``upload_stopped``: the process receiving that upload died.
 
     :param progress_key: ``environ -> id or None`` replacing the default lookup
         (:func:`progress_id_from_environ`); its result is validated the same way.
@@ -875,13 +1204,22 @@ class ProgressApp:
     def __init__(self, store: ProgressStore, settings: ProgressSettings = DEFAULT_SETTINGS,
                  progress_key: Optional[Callable[[Environ], Optional[str]]] = None, *,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.settings = settings
         self.progress_key = progress_key
         self._clock = clock
         self._sleep = sleep
+        self._wall_clock = wall_clock
         self._script: Optional[Tuple[bytes, str]] = None
+        self._streams_lock = threading.Lock()
+        self._streams = 0
+
+    @property
+    def open_streams(self) -> int:
+        """Event streams this route holds open now."""
+        return self._streams
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = (environ.get("REQUEST_METHOD") or "GET").upper()
@@ -896,10 +1234,14 @@ class ProgressApp:
             progress_id = self.request_id(environ)
             callback = self._callback(environ)
             value = self._read(progress_id)
-            if "text/event-stream" in (environ.get("HTTP_ACCEPT") or "") and callback is None:
+            if ("text/event-stream" in (environ.get("HTTP_ACCEPT") or "") and callback is None
+                    and (head or self._take_stream())):
+                # Over the cap, the stream request falls through to the poll answer.
                 start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8"),
                                           ("X-Accel-Buffering", "no"), *_NO_STORE])
-                return [] if head else self._events(progress_id, value)
+                if head:
+                    return []
+                return _Stream(self._events(progress_id, value), self._release_stream)
         except UploadError as exc:
             extra = [("Allow", "GET, HEAD")] if isinstance(exc, MethodNotAllowed) else []
             return self._respond(start_response, exc.status, exc.to_json(), "application/json",
@@ -937,6 +1279,17 @@ class ProgressApp:
                                   "(letters, digits, '_', '$', dotted)")
         return None
 
+    def _take_stream(self) -> bool:
+        with self._streams_lock:
+            if self._streams >= self.settings.sse_max_streams:
+                return False
+            self._streams += 1
+            return True
+
+    def _release_stream(self) -> None:
+        with self._streams_lock:
+            self._streams -= 1
+
     def _read(self, progress_id: str) -> ProgressValue:
         try:
             value = self.store.get(progress_id)
@@ -946,7 +1299,26 @@ class ProgressApp:
             log.warning("uploadkit: reading progress %s failed: %s: %s",
                         progress_id, type(exc).__name__, exc)
             raise ProgressUnavailable(f"the progress store could not be read: {type(exc).__name__}") from exc
-        return value if value is not None else {"state": "starting"}
+        if value is None:
+            return {"state": "starting"}
+        return self._alive(value)
+
+    def _alive(self, value: ProgressValue) -> ProgressValue:
+        """``value``, or ``error`` if it is an upload whose writer went silent."""
+        if value.get("state") not in _LIVE_STATES:
+            return value
+        written = value.get("updated_at")
+        if not isinstance(written, (int, float)) or isinstance(written, bool):
+            return value  # written by an older version: no liveness mark
+        silent = self._wall_clock() - written
+        limit = self.settings.stale_after
+        if silent <= limit:
+            return value
+        exc = UploadStopped(f"the upload stopped: the server receiving it has not reported for "
+                            f"{silent:.0f} s (the limit is {limit:g} s)", limit=limit)
+        stopped = dict(value, state="error", status=exc.status, error=exc.to_dict()["error"],
+                       rate=None, eta=None)
+        return stopped
 
     def _events(self, progress_id: str, first: ProgressValue) -> Iterator[bytes]:
         """The event stream: a generator, so the server's ``close()`` on a
@@ -956,6 +1328,8 @@ class ProgressApp:
         start = clock()
         deadline = start + settings.sse_lifetime
         beat_at = start + settings.sse_heartbeat
+        # No upload under this id yet (or any more): wait a little, not a lifetime.
+        unknown_since: Optional[float] = start if first == _STARTING else None
         last = first
         yield f"retry: {settings.sse_retry_ms}\n".encode() + _event(first)
         if first.get("state") in FINAL_STATES:
@@ -970,6 +1344,13 @@ class ProgressApp:
                 value = self._read(progress_id)
             except ProgressUnavailable as exc:
                 yield b"event: unavailable\ndata: " + exc.to_json() + b"\n\n"
+                return
+            if value != _STARTING:
+                unknown_since = None
+            elif unknown_since is None:
+                unknown_since = now
+            elif now - unknown_since >= settings.sse_start_wait:
+                yield b": no upload with this id, reconnect\n\n"
                 return
             if value != last:
                 last = value
@@ -1007,6 +1388,40 @@ class ProgressApp:
         return [] if head else [body]
 
 
+_STARTING: ProgressValue = {"state": "starting"}
+_LIVE_STATES = frozenset({"starting", "uploading", "processing"})
+
+
+class _Stream:
+    """An event stream that gives its slot back exactly once: when it ends, or
+    when the server closes it, even before the first iteration (a generator's
+    ``finally`` does not run then)."""
+
+    def __init__(self, events: Iterator[bytes], release: Callable[[], None]) -> None:
+        self._events = events
+        self._release: Optional[Callable[[], None]] = release
+
+    def __iter__(self) -> "_Stream":
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._events)
+        except BaseException:  # StopIteration included: the stream is over
+            self.close()
+            raise
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        try:
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if release is not None:
+                release()
+
+
 def _event(value: ProgressValue) -> bytes:
     # json.dumps never emits a raw newline, so one data: line holds the event.
     return b"data: " + _dumps(value).encode("utf-8") + b"\n\n"
@@ -1016,5 +1431,5 @@ __all__ = [
     "ProgressListener", "NULL_PROGRESS", "PROGRESS_ID_RE", "PROGRESS_ID_PARAM", "PROGRESS_ID_HEADER",
     "validate_progress_id", "progress_id_from_environ", "ProgressSettings", "DEFAULT_SETTINGS",
     "ProgressStore", "MemoryStore", "MemcachedStore", "StoreProgress", "ProgressApp",
-    "BadCallback", "MethodNotAllowed", "CALLBACK_RE",
+    "BadCallback", "MethodNotAllowed", "CALLBACK_RE", "ProgressRefused", "UploadStopped",
 ]
