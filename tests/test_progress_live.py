@@ -467,3 +467,262 @@ def test_end_to_end_through_the_middleware(memcached_server: MemcachedServer) ->
         r = http.post(f"{server.url}/upload?X-Progress-ID=bad%20id", files={"f": ("a.txt", b"hi")}, timeout=5)
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_progress_id"
     store.close()
+
+
+# -- one hostile upload, and the uploads after it ---------------------------------------------
+
+def _sizes_app(environ: Dict[str, Any], start_response: Any) -> List[bytes]:
+    files = environ["uploadkit.files"]
+    body = json.dumps({"files": len(list(files.items())),
+                       "bytes": sum(f.size for _, f in files.items())}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _middleware(app: Any, **kwargs: Any) -> Any:
+    import warnings
+
+    with warnings.catch_warnings():
+        # webob (under the middleware) imports the stdlib cgi module, deprecated in 3.11.
+        warnings.filterwarnings("ignore", "'cgi' is deprecated", DeprecationWarning)
+        from uploadkit.middleware import UploadMiddleware
+    return UploadMiddleware(app, **kwargs)
+
+
+def test_a_hostile_upload_leaves_progress_working_for_the_next_ones(store: Any) -> None:
+    """100 files whose field names are 7,900 control characters (six bytes of
+    JSON each): the status must stay small, and memcached refusing it (as it
+    would, over 1 MB) must not count as an outage for the uploads after it."""
+    settings = ProgressSettings(interval=0.05)
+    hostile, hostile_type = encode_multipart([], [("\x01" * 7900, f"h{i}.bin", "application/octet-stream",
+                                                   b"h" * 64) for i in range(100)])
+    assert 790_000 < len(hostile) < 900_000
+    with serve(_middleware(_sizes_app, progress=store, progress_settings=settings)) as server, \
+            requests.Session() as http:
+        r = http.post(f"{server.url}/upload?X-Progress-ID=hostile", data=hostile,
+                      headers={"Content-Type": hostile_type}, timeout=30)
+        assert r.status_code == 200 and r.json() == {"files": 100, "bytes": 6400}, r.text[:300]
+        poll = http.get(f"{server.url}/upload/progress?X-Progress-ID=hostile", timeout=5)
+        assert poll.status_code == 200, poll.text[:300]
+        value = poll.json()
+        assert value["state"] == "done" and value["received"] == len(hostile)
+        # The defaults: 64 KiB a status, 200 characters a name.
+        assert len(poll.content) <= 64 * 1024 and value["file_count"] == 100
+        assert {len(f["field"]) for f in value["files"]} == {200}
+        if isinstance(store, MemoryStore):
+            assert store.nbytes <= 64 * 1024
+        else:
+            assert store.available
+        # The same worker's next uploads: their progress reads right at once.
+        for n in range(5):
+            body, ctype, _ = make_body([20_000 * (n + 1)])
+            r = http.post(f"{server.url}/upload?X-Progress-ID=after-{n}", data=body,
+                          headers={"Content-Type": ctype}, timeout=30)
+            assert r.status_code == 200 and r.json()["bytes"] == 20_000 * (n + 1)
+            poll = http.get(f"{server.url}/upload/progress?X-Progress-ID=after-{n}", timeout=5)
+            assert poll.status_code == 200, poll.text[:300]
+            assert (poll.json()["state"], poll.json()["received"]) == ("done", len(body))
+
+
+# -- an upload that ended while memcached was down ----------------------------------------------
+
+def test_an_upload_finished_during_an_outage_reads_done_once_memcached_is_back(
+        memcached_server: MemcachedServer) -> None:  # noqa: F811
+    store = MemcachedStore(memcached_server.address, retry_after=0.2)
+    settings = ProgressSettings(interval=0.05, store_retry=0.2)
+    body, ctype, _ = make_body([300_000])
+    try:
+        with serve(_middleware(_sizes_app, progress=store, progress_settings=settings)) as server, \
+                requests.Session() as http:
+            url = f"{server.url}/upload/progress?X-Progress-ID=offline-1"
+            memcached_server.stop()
+            r = http.post(f"{server.url}/upload?X-Progress-ID=offline-1", data=body,
+                          headers={"Content-Type": ctype}, timeout=30)
+            assert r.status_code == 200 and r.json()["bytes"] == 300_000  # progress never fails an upload
+            assert http.get(url, timeout=5).status_code == 503
+            memcached_server.start()  # the same port, an empty server
+            deadline = time.monotonic() + 5
+            value: Dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                poll = http.get(url, timeout=5)
+                value = poll.json() if poll.status_code == 200 else {"http": poll.status_code}
+                if value.get("state") == "done":
+                    break
+                time.sleep(0.05)
+            assert value.get("state") == "done", value
+            assert value["received"] == value["size"] == len(body)
+            assert value["files"] == [{"field": "photos", "filename": "p0.bin", "received": 300_000,
+                                       "done": True}]
+    finally:
+        store.close()
+
+
+# -- under gunicorn: many event streams, a worker killed mid-upload ------------------------------
+
+def _cluster(tmp_path: Any, memcached: MemcachedServer, settings: Dict[str, Any]) -> Any:
+    from tests.support.cluster import Cluster
+
+    return Cluster(str(tmp_path), storage_url=str(tmp_path / "stored"), storage_options={},
+                   memcached=memcached.address, workers=2, threads=4,
+                   extra_env={"UPLOADKIT_CLUSTER_PROGRESS_SETTINGS": json.dumps(settings)})
+
+
+def _stream(port: int, progress_id: str, timeout: float) -> Dict[str, Any]:
+    """Open an event stream and read it to its end; when each thing happened."""
+    import socket
+
+    rec: Dict[str, Any] = {"id": progress_id}
+    t0 = rec["sent"] = time.monotonic()
+    raw = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(f"GET /upload/progress?X-Progress-ID={progress_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      "Accept: text/event-stream\r\nConnection: close\r\n\r\n".encode())
+            while time.monotonic() - t0 < timeout:
+                data = s.recv(65536)
+                now = time.monotonic()
+                if not data:
+                    rec["closed"] = now
+                    break
+                rec.setdefault("answered", now)
+                rec["last_data"] = now
+                raw += data
+    except OSError as exc:
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+    head, _, rec["body"] = raw.partition(b"\r\n\r\n")
+    rec["head"] = head.decode("latin-1").lower()
+    return rec
+
+
+def test_fifty_open_event_streams_leave_uploads_and_requests_answered(
+        memcached_server: MemcachedServer, tmp_path: Any) -> None:  # noqa: F811
+    """gunicorn gthread, 2 workers x 4 threads: 50 event streams for ids that
+    never start, opened at once, beside uploads and plain GETs. Each worker
+    holds at most ``sse_max_streams`` (2 by default) streams, each ending
+    ``sse_start_wait`` after it began; the others get the JSON poll answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.cluster import Upload, http_get, run_upload
+
+    start_wait = 2.0
+    with _cluster(tmp_path, memcached_server, {"sse_start_wait": start_wait}) as cluster:
+        port = cluster.port
+        gets: List[Tuple[float, int]] = []
+
+        def get(n: int) -> None:
+            time.sleep(0.1 * n)
+            t0 = time.monotonic()
+            status, _, _ = http_get(port, "/pid", timeout=10)
+            gets.append((time.monotonic() - t0, status))
+
+        with ThreadPoolExecutor(80) as pool:
+            streams = [pool.submit(_stream, port, f"idle-{i}", 15.0) for i in range(50)]
+            time.sleep(0.2)  # the streams are in: now the work that must not wait for them
+            uploads = [pool.submit(run_upload, port, Upload(i, 256 * 1024, f"beside-{i}"), "/upload-local")
+                       for i in range(6)]
+            plain = [pool.submit(get, n) for n in range(20)]
+            for f in plain:
+                f.result(timeout=30)
+            done = [f.result(timeout=60) for f in uploads]
+            records = [f.result(timeout=60) for f in streams]
+        log_tail = cluster.log_tail()
+
+    assert [s for s, _ in gets] and max(s for s, _ in gets) < 5.0 and {c for _, c in gets} == {200}, gets
+    assert [(u.status, u.error) for u in done] == [(200, None)] * 6, log_tail
+    assert all(u.seconds < 10.0 for u in done), [u.seconds for u in done]
+    assert all("error" not in r and "closed" in r for r in records), [r.get("error") for r in records]
+    streamed = [r for r in records if "content-type: text/event-stream" in r["head"]]
+    polled = [r for r in records if "content-type: application/json" in r["head"]]
+    assert len(streamed) + len(polled) == 50 and 1 <= len(streamed) <= 20, (len(streamed), len(polled))
+    for r in polled:  # answered at once, as a poll
+        assert r["closed"] - r["sent"] < 5.0 and json.loads(r["body"]) == {"state": "starting"}
+    for r in streamed:  # held a thread no longer than the wait for a start
+        assert r["closed"] - r["answered"] < start_wait + 1.5, r["closed"] - r["answered"]
+        assert b"no upload with this id" in r["body"]
+    # Never more open at once than 2 workers x 2 streams (end: the last chunk seen).
+    edges = sorted([(r["answered"], 1) for r in streamed] + [(r["last_data"] - 0.1, -1) for r in streamed])
+    depth = peak = 0
+    for _, step in edges:
+        depth += step
+        peak = max(peak, depth)
+    assert peak <= 4, peak
+
+
+def test_a_killed_worker_s_upload_reads_error_and_a_slow_live_one_never_does(
+        memcached_server: MemcachedServer, tmp_path: Any) -> None:  # noqa: F811
+    import socket
+
+    from tests.support.cluster import MiB, build_body, http_get
+
+    grace, heartbeat, poll_every = 2.0, 0.25, 0.2
+    with _cluster(tmp_path, memcached_server, {"stale_after": grace, "heartbeat": heartbeat}) as cluster:
+        port = cluster.port
+
+        def status_of(progress_id: str) -> Tuple[Dict[str, Any], int]:
+            code, headers, body = http_get(port, f"/upload/progress?X-Progress-ID={progress_id}", timeout=10)
+            assert code == 200, (code, body[:300])
+            return json.loads(body), int(headers.get("x-worker-pid", 0))
+
+        def head_of(progress_id: str, body: bytes, ctype: str) -> bytes:
+            return (f"POST /upload-local?X-Progress-ID={progress_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                    ).encode()
+
+        # A worker SIGKILLed in the middle of an upload.
+        body, ctype, _ = build_body(8 * MiB, 1)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(head_of("dead-1", body, ctype) + body[:2 * MiB])
+            victim = cluster.serving_pid("dead-1")
+            deadline = time.monotonic() + 10
+            while status_of("dead-1")[0].get("received", 0) < MiB:  # its bytes are moving
+                assert time.monotonic() < deadline, "the upload never read uploading"
+                time.sleep(0.05)
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            seen: List[Tuple[float, str, int]] = []
+            while time.monotonic() - killed_at < grace + 10:
+                value, worker = status_of("dead-1")
+                seen.append((round(time.monotonic() - killed_at, 2), value["state"], worker))
+                if value["state"] != "uploading":
+                    break
+                time.sleep(poll_every)
+        assert seen[-1][1] == "error", seen
+        assert seen[-1][0] <= grace + heartbeat + poll_every + 1.5, seen
+        assert seen[-1][2] != victim
+        assert value["status"] == 502 and value["error"]["code"] == "upload_stopped", value
+        assert 0 < value["received"] < value["size"] == len(body)
+
+        # A slow but live upload: a byte a second, then a stall, each longer than the grace.
+        body, ctype, digest = build_body(64 * 1024, 2)
+        states: List[str] = []
+        stop = threading.Event()
+
+        def poller() -> None:
+            while not stop.is_set():
+                states.append(status_of("slow-1")[0]["state"])
+                stop.wait(poll_every)
+
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(head_of("slow-1", body, ctype) + body[:32 * 1024])
+            watcher = threading.Thread(target=poller)
+            watcher.start()
+            try:
+                for i in range(4):  # 4 s, a byte a second
+                    time.sleep(1.0)
+                    s.sendall(body[32 * 1024 + i:32 * 1024 + i + 1])
+                time.sleep(grace + 1.0)  # then nothing at all
+                s.sendall(body[32 * 1024 + 4:])
+                answer = b""
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    answer += data
+            finally:
+                stop.set()
+                watcher.join(10)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["files"][0]["sha256"] == digest
+        assert "error" not in states and states.count("uploading") >= 25, states
+        final, _ = status_of("slow-1")
+        assert (final["state"], final["received"]) == ("done", len(body))

@@ -13,7 +13,9 @@ is read, so a test can find, and kill, the worker serving a given upload.
 
 Other settings: ``UPLOADKIT_CLUSTER_STORAGE_OPTIONS`` (JSON fsspec options),
 ``UPLOADKIT_CLUSTER_RETRY_AFTER`` (memcached circuit breaker, seconds),
-``UPLOADKIT_CLUSTER_BLOCK_SIZE`` (S3 part size, bytes).
+``UPLOADKIT_CLUSTER_BLOCK_SIZE`` (S3 part size, bytes),
+``UPLOADKIT_CLUSTER_PROGRESS_SETTINGS`` (JSON keyword arguments of
+``ProgressSettings``, over the cluster's ``interval=0.1``).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def _storage() -> Storage:
 STORE = _store()
 # Intermediate writes at most 10 a second: pollers see movement, memcached
 # sees a few hundred writes a second across the cluster.
-SETTINGS = ProgressSettings(interval=0.1)
+SETTINGS = ProgressSettings(**{"interval": 0.1,
+                                **json.loads(os.environ.get("UPLOADKIT_CLUSTER_PROGRESS_SETTINGS") or "{}")})
 stored = UploadMiddleware(describe, storage=_storage(), progress=STORE, progress_settings=SETTINGS,
                           progress_path=PROGRESS_PATH, tempdir=TEMPDIR)
 local = UploadMiddleware(describe, progress=STORE, progress_settings=SETTINGS, progress_path=None,
