@@ -21,6 +21,7 @@ import httpx
 import pytest
 import requests
 
+from tests.support.browser import chromium, page  # noqa: F401
 from tests.support.memcached import MemcachedServer, memcached_server  # noqa: F401
 from tests.support.wsgi import REPO_ROOT, serve
 from uploadkit.handlers import UploadHandler
@@ -726,3 +727,48 @@ def test_a_killed_worker_s_upload_reads_error_and_a_slow_live_one_never_does(
         assert "error" not in states and states.count("uploading") >= 25, states
         final, _ = status_of("slow-1")
         assert (final["state"], final["received"]) == ("done", len(body))
+
+
+# -- the browser script when the server refuses its stream -----------------------------------------
+
+PAGE = b"""<!doctype html><title>watch</title>
+<script src="/upload/progress/uploadkit.js"></script>
+<script>
+  window.seen = [];
+  window.follow = function (id, interval) {
+    uploadkit.watch("/upload/progress", id, function (p) { window.seen.push([id, p.state]); },
+                    {pollInterval: interval});
+  };
+</script>"""
+
+
+def test_the_script_polls_at_once_when_its_stream_is_refused(page: Any) -> None:  # noqa: F811
+    store = MemoryStore()
+    progress = ProgressApp(store, ProgressSettings(sse_max_streams=0))  # every stream answered as a poll
+    asked: List[str] = []
+
+    def site(environ: Dict[str, Any], start_response: Any) -> Any:
+        if environ["PATH_INFO"] == "/":
+            start_response("200 OK", [("Content-Type", "text/html"), ("Content-Length", str(len(PAGE)))])
+            return [PAGE]
+        if environ.get("QUERY_STRING"):
+            asked.append(environ.get("HTTP_ACCEPT") or "")
+        return progress(environ, start_response)
+
+    store.set("w-done", {"state": "done", "received": 9, "size": 9}, 60)
+    store.set("w-live", {"state": "uploading", "received": 3, "size": 9}, 60)
+    with serve(site) as server:
+        page.goto(server.url + "/")
+        # A minute between polls: only a poll made at once can bring "done" now.
+        page.evaluate("follow('w-done', 60000)")
+        page.wait_for_function("window.seen.length >= 1", timeout=5000)
+        assert page.evaluate("window.seen") == [["w-done", "done"]]
+        assert asked == ["text/event-stream", "application/json"]
+        # Polling goes on until the upload ends, and the stream is not asked for again.
+        page.evaluate("follow('w-live', 100)")
+        page.wait_for_function("window.seen.length >= 2", timeout=5000)
+        store.set("w-live", {"state": "done", "received": 9, "size": 9}, 60)
+        page.wait_for_function("window.seen[window.seen.length - 1][1] === 'done' && window.seen.length >= 3",
+                               timeout=5000)
+    assert page.evaluate("window.seen")[1:] == [["w-live", "uploading"], ["w-live", "done"]]
+    assert asked.count("text/event-stream") == 2 and not page.js_errors

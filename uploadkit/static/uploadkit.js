@@ -4,7 +4,7 @@
  * 1. Mark a form:   <form method="post" enctype="multipart/form-data" data-uploadkit> ... </form>
  *    On submit it is sent by XMLHttpRequest with a fresh ?X-Progress-ID=<id>;
  *    a <progress> bar and a status line show the server's progress (Server-Sent
- *    Events, falling back to polling), "Processing..." while the server makes
+ *    Events, falling back to polling when the server refuses a stream), "Processing..." while the server makes
  *    thumbnails, and the server's own error message when it refuses the upload.
  *    Put your own elements in the form with data-uploadkit-bar (a <progress>)
  *    and data-uploadkit-status to place them; data-uploadkit-progress="/url"
@@ -142,9 +142,9 @@
       xhr.onerror = schedule;
       xhr.send();
     }
-    function fallBack() {
+    function fallBack(now) {
       if (source) { source.close(); source = null; }
-      schedule();
+      if (now === true) poll(); else schedule();
     }
 
     if (root.EventSource && opts.sse !== false) {
@@ -153,9 +153,14 @@
       source.addEventListener("unavailable", fallBack);
       source.onerror = function () {
         if (stopped) return;
-        // After a good stream ends (its lifetime is bounded) EventSource
-        // reconnects by itself; a refused or failed stream falls back to polling.
-        if (!sawEvent || source.readyState === 2 /* CLOSED */) fallBack();
+        // After a good stream ends (its lifetime is bounded, and a stream for
+        // an upload not started yet ends after a few seconds) EventSource
+        // reconnects by itself. A stream refused before its first event polls
+        // at once: the server holds few streams and answers the others as a
+        // poll (JSON, which EventSource reports as an error). A stream that
+        // failed later polls after the usual interval.
+        if (!sawEvent) fallBack(true);
+        else if (source.readyState === 2 /* CLOSED */) fallBack(false);
       };
     } else {
       poll();
