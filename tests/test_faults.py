@@ -580,7 +580,8 @@ def test_worker_killed_mid_upload_leftovers_reclaimed_by_cleanup(
                 except ConnectionResetError:
                     answer = b""
                 assert answer == b"", answer  # the connection dropped, no answer
-        # Nobody is left to end their progress: it stays "uploading" until it expires.
+        # Nobody is left to end their progress: it reads "uploading" until its
+        # last write is ProgressSettings.stale_after old (30 s), then "error".
         assert progress_of(cluster.port, "kill-local")["state"] == "uploading"
         assert progress_of(cluster.port, "kill-s3")["state"] == "uploading"
         # The cluster goes on: gunicorn replaced the workers.
