@@ -10,8 +10,13 @@ The path of one progress update::
 The status answers follow the convention of the nginx, Apache and lighttpd
 upload-progress modules (``starting``/``uploading``/``done``/``error`` with
 ``received`` and ``size``), so their existing clients work unchanged; the
-extra keys (``rate``, ``eta``, ``started_at``, ``files``, the ``processing``
-state) are ignored by those clients.
+extra keys (``rate``, ``eta``, ``started_at``, ``updated_at``, ``files``, the
+``processing`` state) are ignored by those clients.
+
+Nothing one request sends can make a status large (names are cut, the JSON
+is bounded), a worker that dies mid-upload shows as ``error`` once its
+status stops being refreshed, and the status route holds only a few event
+streams at once, so no client can take a worker's threads.
 
 Progress is a convenience, never a reason to fail an upload: a listener
 swallows every store failure, and :class:`MemcachedStore` stops trying for a
@@ -159,6 +164,7 @@ def progress_id_from_environ(environ: Environ) -> Optional[str]:
 #: ``-I``) less room for the key and the item header.
 _MEMCACHED_ITEM = 1_000_000
 
+
 @dataclass(frozen=True)
 class ProgressSettings:
     """How often progress is written and how the status route streams it.
@@ -299,12 +305,13 @@ def _cut(text: Optional[str], limit: int) -> Optional[str]:
 
 def _minimal(value: ProgressValue) -> ProgressValue:
     """The counts of a status, without names or messages: what always fits."""
-    out: ProgressValue = {k: value[k] for k in ("state", "received", "size", "status", "rate", "eta",
-                                 "started_at", "elapsed", "updated_at", "file_count") if k in value}
+    keep = ("state", "received", "size", "status", "rate", "eta", "started_at", "elapsed",
+            "updated_at", "file_count")
+    out: ProgressValue = {k: value[k] for k in keep if k in value}
     error = value.get("error")
     if isinstance(error, dict):
-        out["error"] = {"code": error.get("code"), "message": "the upload failed (the message was too long to keep)",
-                        "field": None, "limit": None}
+        out["error"] = {"code": error.get("code"), "field": None, "limit": None,
+                        "message": "the upload failed (its message was too long to keep)"}
     return out
 
 
@@ -818,6 +825,7 @@ class StoreProgress(ProgressListener):
         # The upload thread and the flusher both write: one at a time.
         self._lock = threading.Lock()
         self._written = -1  # bytes received at the last write
+        self._written_state = ""  # the state at the last write
         self._armed_at: Optional[float] = None  # the flusher's next look at this listener
         self._beat_at = math.inf  # the next heartbeat write, once started
         self._moved_at = self._t0  # the last write that carried news
@@ -878,9 +886,10 @@ class StoreProgress(ProgressListener):
             if not self._may_write(now):
                 # Cheap when the flusher already looks no later than the
                 # throttle's next chance (the common case between writes).
+                when = self._next_time if now < self._next_time else self._refresh_at
                 armed = self._armed_at
-                if armed is None or armed > self._next_time:
-                    self._arm(self._next_chance(now))
+                if armed is None or when < armed:
+                    self._arm(when)
                 return
             if total != self.total:
                 self.total = total
@@ -1075,8 +1084,9 @@ class StoreProgress(ProgressListener):
     def _write(self, now: float) -> None:
         settings = self.settings
         self._update_rate(now)
-        if self.received != self._written or self._dirty:
+        if self.received != self._written or self._dirty or self.state != self._written_state:
             self._moved_at = now
+        self._written_state = self.state
         self._dirty = False
         self._next_time = now + settings.interval
         self._next_bytes = self.received + self._step
