@@ -649,12 +649,16 @@ class _Flusher:
 
     def schedule(self, when: float, listener: "_Flushable") -> None:
         with self._cond:
+            # Wake the thread only for a new first entry: it already waits for
+            # the first, and every write schedules a heartbeat seconds away.
+            first = not self._heap or when < self._heap[0][0]
             heapq.heappush(self._heap, (when, next(self._seq), listener))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="uploadkit-progress-flush",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if first:
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:
@@ -1055,6 +1059,11 @@ class StoreProgress(ProgressListener):
         first the per-file detail (the oldest files go first; ``file_count``
         keeps the total), then everything but the counts."""
         limit = self.settings.max_status_bytes
+        # JSON spends at most 12 bytes on a character (a surrogate pair): a
+        # status with few files fits without being serialized to find out.
+        cut = self.settings.max_name_length
+        if len(value["files"]) * (24 * cut + 128) + 72 * cut + 1024 <= limit:
+            return value
         if len(_dumps(value)) <= limit:  # ASCII JSON: characters are bytes
             return value
         files: List[Any] = value["files"]
