@@ -1256,8 +1256,13 @@ class ProgressApp:
             if ("text/event-stream" in (environ.get("HTTP_ACCEPT") or "") and callback is None
                     and (head or self._take_stream())):
                 # Over the cap, the stream request falls through to the poll answer.
-                start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8"),
-                                          ("X-Accel-Buffering", "no"), *_NO_STORE])
+                try:
+                    start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8"),
+                                              ("X-Accel-Buffering", "no"), *_NO_STORE])
+                except BaseException:
+                    if not head:
+                        self._release_stream()
+                    raise
                 if head:
                     return []
                 return _Stream(self._events(progress_id, value), self._release_stream)
