@@ -731,10 +731,14 @@ class _PendingFinals:
                 self._held.popitem(last=False)
             self._arm(now + entry.retry)
 
-    def drop(self, store: ProgressStore, progress_id: str) -> None:
-        """A later write of this id reached the store: it wins."""
+    def written_to(self, store: ProgressStore, progress_id: str) -> None:
+        """A write of ``progress_id`` reached ``store``: a held state of that
+        id is outdated, and the others for that store can go now."""
+        key = id(store)
         with self._lock:
-            self._held.pop((id(store), progress_id), None)
+            self._held.pop((key, progress_id), None)
+            if any(k[0] == key for k in self._held):
+                self._arm(time.monotonic())
 
     def _arm(self, when: float) -> None:  # under self._lock
         if self._due is None or when < self._due:
@@ -1124,7 +1128,7 @@ class StoreProgress(ProgressListener):
             self._beat_at = now + settings.heartbeat
             self._arm(self._beat_at)
         if len(_PENDING):
-            _PENDING.drop(self.store, self.progress_id)
+            _PENDING.written_to(self.store, self.progress_id)
         if _failing_stores:
             self._store_recovered()
 
