@@ -15,12 +15,20 @@ Apps:
   ``MemcachedStore`` (the setup operators run; tests/support/cluster_app.py);
 * ``uploadkit-tmp``: the same middleware with its temp-file sink (what Flask
   and Django do with a large file), progress in memcached;
-* ``flask``, ``django``: benchmarks/apps/flask_app.py and django_project.
+* ``uploadkit-plain``: the middleware with its defaults and no progress
+  (sniffing, sha256, small files in memory, large ones in temp files): what
+  Django's default upload path does, plus the sha256;
+* ``flask``, ``django``: benchmarks/apps/flask_app.py and django_project;
+* ``django-sha256``: the same Django view given what uploadkit does, the
+  file's sha256, read back in the view (like for like).
+
+Targets, at 4 workers: uploadkit-plain against django-sha256 (>= 1.0) and
+against plain Django (>= 0.95), in uploads a second.
 
 Usage::
 
     python -m benchmarks.bench_load [--quick] [--workers 1,4,8] [--threads 4]
-        [--uploads 300] [--in-flight 32] [--total-mib 1024] [--apps uploadkit-s3,flask,...]
+        [--uploads 300] [--in-flight 32] [--total-mib 1024] [--rounds N] [--apps uploadkit-s3,flask,...]
 """
 
 from __future__ import annotations
@@ -33,9 +41,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from . import MB, environment_line, log, md_table, sigterm_as_exit, versions
+from . import MB, environment_line, fmt_ratio, log, md_table, median, sigterm_as_exit, verdict, versions
 from .apps import TMPDIR_ENV
 
 KiB = 1024
@@ -57,10 +65,18 @@ APPS = {a.key: a for a in [
             "/upload", True, True),
     LoadApp("uploadkit-tmp", "uploadkit -> temp file, progress in memcached", "tests.support.cluster_app:app",
             "/upload-local", True, True),
+    LoadApp("uploadkit-plain", "uploadkit -> temp file, sha256, no progress", "benchmarks.apps.wsgi_apps:uploadkit_app",
+            "/upload", False, False),
     LoadApp("flask", "Flask request.files", "benchmarks.apps.flask_app:app", "/upload", False, False),
     LoadApp("django", "Django request.FILES", "benchmarks.apps.django_project.wsgi:application",
             "/upload", False, False),
+    LoadApp("django-sha256", "Django request.FILES + sha256 in the view",
+            "benchmarks.apps.django_project.wsgi:application", "/upload-sha256", False, False),
 ]}
+
+#: (app, against, target) in uploads a second, at TARGET_WORKERS workers.
+TARGETS = (("uploadkit-plain", "django-sha256", 1.0), ("uploadkit-plain", "django", 0.95))
+TARGET_WORKERS = 4
 
 
 @dataclass
@@ -147,6 +163,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--in-flight", type=int, help="uploads in flight (default 32; quick 12)")
     parser.add_argument("--total-mib", type=int, help="total upload size in MiB (default 1024; quick 48)")
     parser.add_argument("--largest-mib", type=int, help="largest upload in MiB (default 50; quick 8)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of every app and worker count, interleaved; medians reported (default 1)")
     parser.add_argument("--apps", default=",".join(APPS), help=f"comma-separated, from {', '.join(APPS)}")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -156,6 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     total = (args.total_mib or (48 if quick else 1024)) * MiB
     largest = (args.largest_mib or (8 if quick else 50)) * MiB
     apps = [APPS[k.strip()] for k in args.apps.split(",") if k.strip()]
+    rounds = max(1, args.rounds)
 
     from tests.support.cluster import MotoProcess, plan_sizes
     from tests.support.memcached import MemcachedServer, find_memcached
@@ -164,22 +183,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     workdir = tempfile.mkdtemp(prefix="uk-bench-load-")
     moto = MotoProcess(workdir)
     memcached = MemcachedServer(find_memcached())
-    results: List[RunResult] = []
+    runs: Dict[Tuple[str, int], List[RunResult]] = {}
     try:
         with sigterm_as_exit():
             moto.start()
             memcached.start()
-            for w in workers:
-                for app in apps:
-                    log(f"[bench_load] {app.key}, {w} worker(s) x {args.threads} threads: {uploads} uploads, "
-                        f"{sum(sizes) / MiB:.0f} MiB, {in_flight} in flight")
-                    results.append(run_one(app, w, args.threads, sizes, in_flight, moto, memcached, workdir))
+            for r in range(rounds):
+                for w in workers:
+                    # Rotate the apps each round: none always runs first, on a cold page cache.
+                    shift = r % len(apps)
+                    for app in apps[shift:] + apps[:shift]:
+                        log(f"[bench_load] round {r + 1}/{rounds}: {app.key}, {w} worker(s) x {args.threads} "
+                            f"threads: {uploads} uploads, {sum(sizes) / MiB:.0f} MiB, {in_flight} in flight")
+                        result = run_one(app, w, args.threads, sizes, in_flight, moto, memcached, workdir)
+                        log(f"[bench_load]   {result.uploads / result.seconds:,.1f} uploads/s, "
+                            f"{result.failures} failed")
+                        runs.setdefault((app.key, w), []).append(result)
     finally:
         memcached.stop()
         moto.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"## Load: many workers ({'quick' if quick else 'full'} run)\n")
+    def rate(key: str, w: int) -> Optional[float]:
+        got = runs.get((key, w))
+        return median([x.uploads / x.seconds for x in got]) if got else None
+
+    print(f"## Load: many workers ({'quick' if quick else 'full'} run"
+          f"{f', median of {rounds} rounds' if rounds > 1 else ''})\n")
     print(f"{environment_line()}; {versions()}.\n")
     print(f"{uploads} uploads of 1 KiB to {largest // MiB} MiB (log-uniform, {sum(sizes) / MiB:.0f} MiB in all), "
           f"{in_flight} in flight, gunicorn gthread with {args.threads} threads a worker, all on 127.0.0.1. "
@@ -188,16 +218,43 @@ def main(argv: Optional[List[str]] = None) -> int:
           "file (write, copy, delete): compare them with each other across worker counts, not with the "
           "temp-file rows.\n")
     rows = []
-    for r in results:
-        rows.append([r.app.label, r.workers, f"{r.uploads / r.seconds:,.1f}", f"{r.total / MB / r.seconds:,.1f}",
-                     ms(pct(r.latencies, 0.5)), ms(pct(r.latencies, 0.99)),
-                     ms(pct(r.poll_latencies, 0.5)) if r.app.progress else "n/a",
-                     ms(pct(r.poll_latencies, 0.99)) if r.app.progress else "n/a",
-                     f"{r.peak_rss_mib:,.0f}", r.failures])
+    for w in workers:
+        for app in apps:
+            got = runs.get((app.key, w))
+            if not got:
+                continue
+            lat = [x for g in got for x in g.latencies]
+            polls = [x for g in got for x in g.poll_latencies]
+            rows.append([app.label, w, f"{rate(app.key, w) or 0:,.1f}",
+                         f"{median([g.total / MB / g.seconds for g in got]):,.1f}",
+                         ms(pct(lat, 0.5)), ms(pct(lat, 0.99)),
+                         ms(pct(polls, 0.5)) if app.progress else "n/a",
+                         ms(pct(polls, 0.99)) if app.progress else "n/a",
+                         f"{max(g.peak_rss_mib for g in got):,.0f}", sum(g.failures for g in got)])
     print(md_table(["app", "workers", "uploads/s", "MB/s", "p50 ms", "p99 ms", "poll p50 ms", "poll p99 ms",
                     "peak RSS MiB", "failed"], rows, align="lrrrrrrrrr"))
     print()
-    return 1 if any(r.failures for r in results) else 0
+    checks = []
+    for ours, theirs, target in TARGETS:
+        a, b = rate(ours, TARGET_WORKERS), rate(theirs, TARGET_WORKERS)
+        if a is None or b is None:
+            continue
+        value = a / b
+        checks.append([f"{APPS[ours].label} / {APPS[theirs].label}", TARGET_WORKERS, fmt_ratio(value),
+                       f">= {target:.2f}", verdict(value, target)])
+    a = rate("uploadkit-tmp", TARGET_WORKERS)
+    for theirs in ("django-sha256", "django"):
+        b = rate(theirs, TARGET_WORKERS)
+        if a is not None and b is not None:
+            checks.append([f"{APPS['uploadkit-tmp'].label} / {APPS[theirs].label}", TARGET_WORKERS,
+                           fmt_ratio(a / b), "", "info"])
+    if checks:
+        print("### Targets\n")
+        print("Uploads a second. uploadkit hashes every file (sha256) and, but in the `info` rows, reports "
+              "no progress, like the Django apps; the `info` rows add progress in memcached, polled.\n")
+        print(md_table(["ratio", "workers", "value", "target", "result"], checks, align="lrrll"))
+        print()
+    return 1 if any(g.failures for got in runs.values() for g in got) else 0
 
 
 if __name__ == "__main__":

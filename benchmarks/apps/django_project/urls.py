@@ -2,6 +2,6 @@ from __future__ import annotations
 
 from django.urls import path
 
-from .views import upload
+from .views import upload, upload_sha256
 
-urlpatterns = [path("upload", upload)]
+urlpatterns = [path("upload", upload), path("upload-sha256", upload_sha256)]
