@@ -254,8 +254,11 @@ def report(results: Dict[str, Dict[str, Any]], size: int, runs: int, read_size: 
         md_table(["progress", "MB/s (best)", "MB/s (median)", "vs none", "overhead", "store calls"],
                  rows, "lrrrrr"),
         "",
-        f"Target: throttled progress over memcached costs under {TARGET_OVERHEAD:.0%}: "
-        f"{'PASS' if ok else 'MISS'} ({(1 - throttled) * 100:+.1f} %).",
+        "### Targets",
+        "",
+        md_table(["measure", "value", "target", "result"],
+                 [["throttled progress over memcached, overhead", f"{(1 - throttled) * 100:+.1f} %",
+                   f"< {TARGET_OVERHEAD:.0%}", "PASS" if ok else "MISS"]], "lrll"),
         "",
         "Listener calls of one upload replayed alone (cost per upload, and its share of the "
         "baseline upload time; noise-free, unlike the short runs above): " + "; ".join(replays) + ".",
@@ -281,9 +284,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             proc.kill()
             proc.wait()
-    text, ok = report(results, size, runs, read_size)
+    text, _ = report(results, size, runs, read_size)
     print(text, flush=True)
-    return 0 if ok else 1
+    return 0  # every measurement was taken; a MISS is a result, not a failure
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Part 2: peak RSS of this process while streaming ``--s3-size`` MiB (default 512)
 to S3 (a moto server in a separate process on 127.0.0.1), showing memory is
 bounded by the s3fs block size, not the file size.
 
-    python benchmarks/bench_storage.py --size 32 --s3-size 64
+    python -m benchmarks.bench_storage --size 32 --s3-size 64
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ from uploadkit.limits import Limits  # noqa: E402
 from uploadkit.pipeline import Pipeline, RequestContext  # noqa: E402
 from uploadkit.storage import Storage  # noqa: E402
 
+from benchmarks import environment_line, fmt_rate, log, md_table, sigterm_as_exit, versions  # noqa: E402
+
 MiB = 1024 * 1024
+MB = 1_000_000
 
 
 def chunks(size: int, chunk: int) -> Iterator[bytes]:
@@ -102,17 +105,20 @@ def timed(fn: Callable[[int, int, str], None], size: int, chunk: int, workdir: s
     return best
 
 
-def bench_local(size: int, chunk: int, workdir: str, repeat: int) -> None:
-    print(f"local disk, {size // MiB} MiB in {chunk // 1024} KiB chunks, best of {repeat} (dir {workdir})")
+def bench_local(size: int, chunk: int, workdir: str, repeat: int) -> str:
+    log(f"[storage] local disk, {size // MiB} MiB in {chunk // 1024} KiB chunks, best of {repeat}")
     results: List[Tuple[str, float]] = []
-    for name, fn in [("baseline read+sha256+write", baseline), ("direct to storage", direct),
+    for name, fn in [("baseline: read + sha256 + write", baseline), ("direct to storage", direct),
                      ("temp file, then save", tempfile_then_save)]:
         results.append((name, timed(fn, size, chunk, workdir, repeat)))
+        log(f"[storage] {name}: {results[-1][1]:.3f} s")
     base = results[0][1]
-    for name, secs in results:
-        print(f"  {name:28s} {size / MiB / secs:9.1f} MB/s   {secs:7.3f} s   x{base / secs:5.2f} of baseline")
+    rows = [[name, fmt_rate(size / MB / secs), f"{secs:.3f}", f"{base / secs:.2f}"] for name, secs in results]
     d, t = results[1][1], results[2][1]
-    print(f"  direct is {t / d:.2f}x as fast as temp-file-then-save")
+    return "\n".join([
+        f"### Local disk: {size // MiB} MiB in {chunk // 1024} KiB chunks, best of {repeat}", "",
+        md_table(["variant", "MB/s", "seconds", "vs baseline"], rows, "lrrr"), "",
+        f"Direct to storage is {t / d:.2f} times as fast as temp file, then save.", ""])
 
 
 # -- S3 memory ------------------------------------------------------------------------------
@@ -142,7 +148,7 @@ class PeakRSS(threading.Thread):
             self.peak = max(self.peak, rss_bytes())
 
 
-def bench_s3(size: int, chunk: int, block_size: int) -> None:
+def bench_s3(size: int, chunk: int, block_size: int) -> str:
     port = free_port()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -155,7 +161,7 @@ def bench_s3(size: int, chunk: int, block_size: int) -> None:
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("moto server did not start")
+                    raise RuntimeError("moto server did not start")
                 time.sleep(0.1)
         endpoint = f"http://127.0.0.1:{port}"
         import boto3
@@ -175,11 +181,15 @@ def bench_s3(size: int, chunk: int, block_size: int) -> None:
         sampler.join()
         (f,) = p.ctx.files
         assert storage.size(f.key or "") == size
-        print(f"S3 (moto, separate process), {size // MiB} MiB, s3fs block {block_size // MiB} MiB:")
-        print(f"  {size / MiB / secs:9.1f} MB/s   {secs:7.3f} s")
-        print(f"  RSS before {start_rss / MiB:.0f} MiB, peak while streaming {sampler.peak / MiB:.0f} MiB"
-              f" (+{(sampler.peak - start_rss) / MiB:.0f} MiB for a {size // MiB} MiB file)")
-        print(f"  ru_maxrss of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        log(f"[storage] S3: {secs:.3f} s")
+        row = [f"{size // MiB} MiB", f"{block_size // MiB} MiB", fmt_rate(size / MB / secs), f"{secs:.3f}",
+               f"{start_rss / MiB:.0f} MiB", f"{sampler.peak / MiB:.0f} MiB",
+               f"+{(sampler.peak - start_rss) / MiB:.0f} MiB",
+               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"]
+        return "\n".join([
+            "### Streaming to S3 (moto in a separate process on 127.0.0.1)", "",
+            md_table(["file", "s3fs block", "MB/s", "seconds", "RSS before", "peak RSS while streaming",
+                      "growth", "ru_maxrss"], [row], "lrrrrrrr"), ""])
     finally:
         server.terminate()
         server.wait(10)
@@ -198,16 +208,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quick:
         args.size, args.s3_size, args.repeat = min(args.size, 32), min(args.s3_size, 64), 1
     chunk = args.chunk * 1024
-    workdir = tempfile.mkdtemp(prefix="uploadkit-bench-", dir=args.dir)
-    try:
-        if args.size:
-            bench_local(args.size * MiB, chunk, workdir, args.repeat)
-        if args.s3_size:
-            bench_s3(args.s3_size * MiB, chunk, args.block_size * MiB)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    out = [f"## Storage: straight into storage vs temp file first{' (quick run)' if args.quick else ''}", "",
+           environment_line() + ".  ", versions() + ".", ""]
+    with sigterm_as_exit():
+        workdir = tempfile.mkdtemp(prefix="uploadkit-bench-", dir=args.dir)
+        try:
+            if args.size:
+                out.append(bench_local(args.size * MiB, chunk, workdir, args.repeat))
+            if args.s3_size:
+                out.append(bench_s3(args.s3_size * MiB, chunk, args.block_size * MiB))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print("\n".join(out), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
