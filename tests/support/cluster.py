@@ -89,7 +89,8 @@ def _stop_group(proc: Optional[subprocess.Popen[bytes]], timeout: float = 15.0) 
 
 class MotoProcess:
     """moto's S3 server as a subprocess on 127.0.0.1. Its spooled objects go to
-    its own temp dir, never the app's."""
+    its own temp dir, never the app's. Its conditional writes are atomic, as
+    on S3 (see :mod:`tests.support.moto_server`)."""
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
@@ -108,7 +109,8 @@ class MotoProcess:
         log = open(os.path.join(self.workdir, "moto.log"), "wb")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, os.path.join(REPO_ROOT, "tests", "support", "moto_server.py"),
+                 "-H", "127.0.0.1", "-p", str(self.port)],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         finally:
