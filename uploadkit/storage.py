@@ -14,13 +14,22 @@ How the commit is done depends on the backend:
   get the same key and a reader never sees a half-written file. Where hard links
   are not supported, an ``O_EXCL`` reservation of the final name followed by
   ``os.replace`` is used instead. ``overwrite`` is a plain ``os.replace``.
-* **Other fsspec backends** (S3, GCS, memory, ...) write the temp key through
-  fsspec (on S3 a multipart upload once the data passes the block size; memory
-  use is bounded by that block size), then move it with ``fs.mv`` (on S3 a
-  server-side copy). Object stores have no atomic exclusive rename, so
-  ``rename``, ``error`` and ``dedup`` check for the final key just before the
-  move: two requests racing for the same *final* name within that instant can
-  still meet. Use ``{uuid}`` in ``upload_to`` when that matters.
+* **S3** (s3fs) writes the temp key through fsspec (a multipart upload once
+  the data passes the block size; memory use is bounded by that block size).
+  Under ``rename``, ``error`` and ``dedup`` the final key is then created by a
+  *conditional* write (``If-None-Match: *``): a multipart upload whose parts
+  are server-side copies of the temp key, completed only if no object has the
+  key (a PutObject for an empty file). S3 answers 412 to all but one of the
+  writers racing for a key, in any process on any host: the store decides.
+  ``overwrite`` is a plain server-side copy.
+* **Other fsspec backends** (GCS, Azure, memory, ...) write the temp key the
+  same way, then move it with ``fs.mv``. uploadkit knows no exclusive create
+  for them, so ``rename``, ``error`` and ``dedup`` check for the final key just
+  before the move, under a lock: exact within one process (all that a memory
+  filesystem has), but two *processes* racing for one final name within that
+  instant can both take it. :attr:`Storage.atomic_collisions` says which case
+  applies, and a ``Storage`` that can meet the race logs a warning when built.
+  Use ``{uuid}`` in ``upload_to`` there.
 
 Two fsspec traps are avoided on purpose: a file object closed by ``with`` (or
 by garbage collection) after an error commits its partial data, so a pending
@@ -656,13 +665,17 @@ class _FsspecPendingWrite(PendingWrite):
                 if self.collision == "overwrite":
                     self._move(path)
                     return key
-                # Check-then-move is not atomic on object stores: the lock makes
-                # it so between threads of this process; across processes two
-                # writers can still meet within the instant between the two.
-                with _COMMIT_LOCKS[hash((storage._token, path)) % len(_COMMIT_LOCKS)]:
-                    if not storage._fs_exists(path):
-                        self._move(path)
+                if storage._conditional_s3:
+                    if self._create_s3(path):
                         return key
+                else:
+                    # Check-then-move is not atomic here: the lock makes it so
+                    # between threads of this process; across processes two
+                    # writers can still meet within the instant between the two.
+                    with _COMMIT_LOCKS[hash((storage._token, path)) % len(_COMMIT_LOCKS)]:
+                        if not storage._fs_exists(path):
+                            self._move(path)
+                            return key
                 if self.collision == "dedup":
                     self.deduplicated = True
                     fs.rm_file(self._tmp)
@@ -695,6 +708,33 @@ class _FsspecPendingWrite(PendingWrite):
             log.warning("uploadkit: stored %r but could not remove its temp key %r (%s);"
                         " `uploadkit cleanup` removes it", path, self._tmp, _reason(exc))
 
+    def _create_s3(self, path: str) -> bool:
+        """Create ``path`` from the temp key only if no object has that key:
+        True when created, False when the key is taken.
+
+        The store decides, so two processes or hosts committing to one key at
+        the same instant cannot both win. Until the answer is in, ``path`` is
+        ``_placing``: a commit cut by an outage may have created it, and
+        discard then removes it, but only if it is this write's object.
+        """
+        fs = self.storage.fs
+        self._placing = path
+        created = _s3_create(fs, self._tmp, path, self.size, self._write_id)
+        self._placing = None
+        fs.invalidate_cache(path)
+        if created:
+            try:
+                fs.rm_file(self._tmp)
+            except BACKEND_ERRORS as exc:
+                log.warning("uploadkit: stored %r but could not remove its temp key %r (%s);"
+                            " `uploadkit cleanup` removes it", path, self._tmp, _reason(exc))
+        return created
+
+    @property
+    def _write_id(self) -> str:
+        """Marks the final object as this write's (S3 metadata): the temp key's unique name."""
+        return self._tmp.rpartition("/")[2]
+
     def _discard(self) -> None:
         f, self._file = self._file, None
         if f is not None:
@@ -716,7 +756,126 @@ class _FsspecPendingWrite(PendingWrite):
         placing, self._placing = self._placing, None
         if placing is not None:
             fs = self.storage.fs
-            _REAPER.remove(placing, lambda: fs.rm_file(placing), holds="may hold")
+            if self.storage._conditional_s3:
+                # Under a conditional create the key may be another writer's:
+                # only this write's own object is removed.
+                remove = functools.partial(_s3_remove_own, fs, placing, self._write_id)
+            else:
+                remove = functools.partial(fs.rm_file, placing)
+            _REAPER.remove(placing, remove, holds="may hold")
+
+
+#: Metadata naming the pending write that created an S3 object (see ``_s3_create``).
+_WRITE_ID_META = "uploadkit-write"
+#: Bytes per UploadPartCopy: parts may be 5 MiB to 5 GiB and number at most
+#: 10,000, so 512 MiB parts reach 5 TiB, S3's largest object.
+_COPY_PART = 512 * 1024 * 1024
+
+
+def _conditional_s3(fs: AbstractFileSystem) -> bool:
+    """Whether ``fs`` is s3fs, whose client can send S3's conditional writes."""
+    try:
+        from s3fs import S3FileSystem
+    except ImportError:  # pragma: no cover - s3fs not installed
+        return False
+    return isinstance(fs, S3FileSystem)
+
+
+def _s3_create(fs: Any, src: str, dst: str, size: int, write_id: str) -> bool:
+    """Copy ``src`` to ``dst`` on S3 only if ``dst`` does not exist: True when
+    created, False when taken.
+
+    The final key is created by an operation S3 runs conditionally with
+    ``If-None-Match: *``, so the store, not the process, decides who gets a
+    key: a PutObject for an empty file, otherwise a multipart upload whose
+    parts are server-side copies of ``src`` (UploadPartCopy, no bytes through
+    this process) and whose CompleteMultipartUpload carries the condition.
+    Not a CopyObject: botocore lets it carry If-None-Match, but moto ignores
+    it there and overwrites, and S3-compatible stores vary; the conditional
+    complete is what AWS documents and moto enforces (412 PreconditionFailed,
+    which s3fs raises as FileExistsError).
+
+    The object carries ``write_id`` in its metadata: a 412 on a complete that
+    was retried after a lost answer means the key is ours, not taken. A 409
+    ConditionalRequestConflict (another write to the key was under way) is
+    retried from a new multipart upload, as S3's documentation asks.
+
+    :raises: the backend's errors, after aborting the multipart upload (or
+        queuing its abort while the store is down).
+    """
+    for attempt in range(_CONFLICT_ATTEMPTS):
+        try:
+            return _s3_create_once(fs, src, dst, size, write_id)
+        except OSError as exc:
+            cause = exc.__cause__
+            code = getattr(cause, "response", {}).get("Error", {}).get("Code")
+            if code != "ConditionalRequestConflict" or attempt + 1 == _CONFLICT_ATTEMPTS:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: Tries of a conditional create that S3 answers 409 ConditionalRequestConflict.
+_CONFLICT_ATTEMPTS = 4
+
+
+def _s3_create_once(fs: Any, src: str, dst: str, size: int, write_id: str) -> bool:
+    bucket, key, _ = fs.split_path(dst)
+    src_bucket, src_key, _ = fs.split_path(src)
+    metadata = {_WRITE_ID_META: write_id}
+    if size == 0:
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", Metadata=metadata, IfNoneMatch="*")
+        except FileExistsError:
+            return _s3_written_by(fs, bucket, key, write_id)
+        return True
+    upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, Metadata=metadata)["UploadId"]
+    try:
+        parts = []
+        for number, first in enumerate(range(0, size, _COPY_PART), 1):
+            last = min(first + _COPY_PART, size) - 1
+            out = fs.call_s3("upload_part_copy", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                             CopySource={"Bucket": src_bucket, "Key": src_key},
+                             CopySourceRange=f"bytes={first}-{last}")
+            parts.append({"PartNumber": number, "ETag": out["CopyPartResult"]["ETag"]})
+        fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+                   MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+    except FileExistsError:
+        _s3_abort(fs, bucket, key, upload_id)
+        return _s3_written_by(fs, bucket, key, write_id)
+    except BaseException:
+        _s3_abort(fs, bucket, key, upload_id)
+        raise
+    return True
+
+
+def _s3_written_by(fs: Any, bucket: str, key: str, write_id: str) -> bool:
+    """Whether the object at ``key`` was created by the write ``write_id``."""
+    try:
+        head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:  # taken, then deleted already: still not ours
+        return False
+    return bool(head.get("Metadata", {}).get(_WRITE_ID_META) == write_id)
+
+
+def _s3_remove_own(fs: Any, path: str, write_id: str) -> None:
+    """Delete ``path`` if the write ``write_id`` created it; leave anyone else's.
+
+    :raises FileNotFoundError: when nothing is there.
+    """
+    bucket, key, _ = fs.split_path(path)
+    if _s3_written_by(fs, bucket, key, write_id):
+        fs.rm_file(path)
+    fs.invalidate_cache(path)
+
+
+def _s3_abort(fs: Any, bucket: str, key: str, upload_id: str) -> None:
+    """Abort a multipart upload, now or, while S3 is down, in the background:
+    its parts are billed until then, and ``uploadkit cleanup`` only looks in
+    the temp area. Never raises."""
+    _REAPER.remove(f"{bucket}/{key}", functools.partial(
+        fs.call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
+        holds="has an unfinished multipart upload for")
 
 
 # -- the storage -------------------------------------------------------------------
@@ -778,6 +937,13 @@ class Storage:
         #: Moves are copy-then-delete (S3 and its kin), not renames: guessed
         #: from the protocol; pass ``object_store=True`` for one we do not know.
         self.object_store = bool(protocols & _COPYING_STORES) if object_store is None else object_store
+        # S3 through s3fs: a taken key is decided by the store (If-None-Match).
+        self._conditional_s3 = _conditional_s3(fs)
+        #: Whether ``rename``, ``error`` and ``dedup`` are settled atomically by
+        #: the backend itself, for every process and host that shares it: local
+        #: disk (O_EXCL, link), S3 (conditional writes) and memory (one process
+        #: is all it has). Elsewhere they are settled within one process only.
+        self.atomic_collisions = self.local or self._conditional_s3 or protocols <= {"memory"}
         self.base_url = base_url
         self.collision: Collision = collision
         self.dedup_hash = dedup_hash
@@ -793,6 +959,12 @@ class Storage:
                 raise ValueError(f"collision='dedup' needs {{{dedup_hash}}} in upload_to, got {upload_to!r}")
         elif not callable(upload_to):
             raise TypeError(f"upload_to must be a template string or a callable, not {upload_to!r}")
+        if (collision in ("rename", "error") and not self.atomic_collisions
+                and not (self._template is not None and self._template.fields & {"uuid", "sha256", "md5"})):
+            log.warning("uploadkit: %s cannot create a key only if it is free, so collision=%r is settled"
+                        " within each process: two processes storing one key at the same instant can both"
+                        " take it, and one file replaces the other; put {uuid} in upload_to",
+                        type(fs).__name__, collision)
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r}, fs={type(self.fs).__name__}, collision={self.collision!r})"
