@@ -400,3 +400,23 @@ def test_mhtml_is_served_as_an_attachment(tmp_path: Any, name: str) -> None:
     assert status.startswith("200")
     assert headers["Content-Disposition"].startswith("attachment")
     assert headers["Content-Security-Policy"] == "sandbox"
+
+
+def test_a_directory_key_is_404_json_not_a_crash(storage: Storage) -> None:
+    """``upload_to`` with folders makes directories on local disk (prefixes
+    elsewhere): naming one, or something under a file, is an unknown key."""
+    dated = Storage(storage.root, fs=storage.fs, upload_to="photos/{date:%Y/%m/%d}/{uuid}{ext}")
+    key = dated.save(io.BytesIO(b"jpeg bytes"), filename="cat.jpg")
+    folders = key.split("/")[:-1]
+    with serve(storage.app()) as base:
+        assert requests.get(f"{base}/{key}", timeout=10).content == b"jpeg bytes"
+        for n in range(1, len(folders) + 1):
+            for path in ["/" + "/".join(folders[:n]), f"/{key}/x"]:
+                for method in ("GET", "HEAD"):
+                    status, headers, body = raw_request(base, method, path)
+                    assert status == 404, (method, path, status, body[:200])
+                    assert headers["content-type"] == "application/json"
+                    if method == "GET":
+                        assert json.loads(body)["error"]["code"] == "not_found"
+        # The server is still serving.
+        assert requests.get(f"{base}/{key}", timeout=10).status_code == 200

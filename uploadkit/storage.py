@@ -1099,7 +1099,12 @@ class Storage:
         key = check_key(key)
         with _guard("read", key, passthrough=(FileNotFoundError, IsADirectoryError)):
             if self.local:
-                return open(self._local_path(key), "rb")
+                try:
+                    return open(self._local_path(key), "rb")
+                except (IsADirectoryError, NotADirectoryError):
+                    # A folder upload_to made ("photos/2024"), or a path under a
+                    # file ("a.txt/x"): no file is stored under that key.
+                    raise FileNotFoundError(errno.ENOENT, "not a file", key) from None
             self.fs.invalidate_cache(self._path(key))
             return self.fs.open(self._path(key), "rb", block_size=self.block_size)  # type: ignore[no-any-return]
 
