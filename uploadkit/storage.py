@@ -1339,8 +1339,10 @@ def _key_opener(storage: Storage, uploaded: Optional[UploadedFile]) -> Callable[
 Authorize = Callable[[Dict[str, Any], str, str], bool]
 
 #: Subtypes a browser would run or render as a page: served as attachments.
-# Types a browser renders as a page with scripts (MHTML: message/rfc822, multipart/related).
-_ACTIVE_MARKERS = ("html", "xml", "javascript", "ecmascript", "x-shockwave-flash", "rfc822", "related")
+# Types a browser renders as a page with scripts (MHTML: message/rfc822, multipart/related;
+# XUL: text/xul from the type tables, application/vnd.mozilla.xul+xml, an XML UI language
+# with scripts of its own).
+_ACTIVE_MARKERS = ("html", "xml", "javascript", "ecmascript", "x-shockwave-flash", "rfc822", "related", "xul")
 
 
 def _is_active(content_type: str) -> bool:
@@ -1424,10 +1426,10 @@ class StorageApp:
     """A WSGI app serving a :class:`Storage`: ``PATH_INFO`` is the key.
 
     GET and HEAD send Content-Type (from the extension), Content-Length, ETag,
-    Last-Modified and ``X-Content-Type-Options: nosniff``; answer conditional
-    requests with 304 and single byte ranges with 206 (416 when unsatisfiable);
-    and send types a browser would run (HTML, SVG, XML, JavaScript) as
-    attachments. DELETE removes the key and its thumbnails when allowed.
+    Last-Modified, ``X-Content-Type-Options: nosniff`` and
+    ``Content-Security-Policy: sandbox``; answer conditional requests with 304
+    and single byte ranges with 206 (416 when unsatisfiable); and send types a
+    browser would run (HTML, SVG, XML, XUL, JavaScript) as attachments. DELETE removes the key and its thumbnails when allowed.
 
     :param authorize: ``authorize(environ, action, key) -> bool`` with action
         ``"read"`` or ``"delete"``. Without it reads are allowed and deletes refused.
@@ -1527,10 +1529,18 @@ class StorageApp:
             return []
         ctype = meta.content_type
         headers.append(("Content-Type", ctype))
+        # Every file is sandboxed, not only the types listed as active: a
+        # document shown inline (a PDF with its scripts, forms and links, or a
+        # type a browser learns to run later) gets a unique origin and no
+        # scripts. It only applies where the file is opened as a page: an
+        # <img>, a stylesheet or a <track> ignores its own CSP, so images,
+        # media, text/css and text/vtt are served inline and work as before;
+        # with nosniff a browser uses a stylesheet only as text/css, which
+        # runs nothing, and WebVTT cues are text.
+        headers.append(("Content-Security-Policy", "sandbox"))
         if _is_active(ctype):
             name = key.rpartition("/")[2]
             headers.append(("Content-Disposition", f"attachment; filename*=UTF-8''{quote(name, safe='')}"))
-            headers.append(("Content-Security-Policy", "sandbox"))
         first, last, status = 0, meta.size - 1, "200 OK"
         range_header = environ.get("HTTP_RANGE")
         if range_header and self._if_range_ok(environ, meta):
