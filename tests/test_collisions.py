@@ -2,8 +2,11 @@
 
 Two gunicorn masters (two "hosts", 4 gthread workers each) store into one
 bucket of a real S3-compatible server (moto, in its own process). Fifty clients
-upload a file of the same name at the same instant (threads released by one
-barrier), so the commits of different workers and masters race for one key.
+upload a file of the same name at once, each holding back the end of its
+body until all have sent the rest (one barrier), so the commits of different
+workers and masters race for one key. moto answers each request 100 ms late,
+as a real store answers in tens of milliseconds where moto on loopback takes
+a fraction of one: the race is the one production meets.
 Nothing in a process can settle that race; only the store can (S3's
 ``If-None-Match: *``). Every byte is then checked against what its client sent
 and against the key its client was answered with.
@@ -13,14 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from tests.support.cluster import (KiB, Cluster, MotoProcess, http_post,  # noqa: F401
-                                   module_memcached, moto_process, payload)
+from tests.support.cluster import (KiB, Cluster, MotoProcess, module_memcached,  # noqa: F401
+                                   parse_response, payload)
 from tests.support.memcached import MemcachedServer
 from uploadkit.multipart import encode_multipart
 
@@ -30,7 +34,20 @@ WORKERS = 4
 #: Enough threads that all 50 uploads are served at once (2 x 4 x 7 = 56).
 THREADS = 7
 FILENAME = "photo.jpg"
-SIZE = 256 * KiB
+#: What each S3 request waits in moto: real S3 answers in tens of milliseconds.
+LATENCY = 0.1
+SIZE = 64 * KiB
+
+
+@pytest.fixture(scope="module")
+def moto_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoProcess]:
+    """moto answering in about the time a real S3 takes (LATENCY per request)."""
+    server = MotoProcess(str(tmp_path_factory.mktemp("moto")), latency=LATENCY)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -45,34 +62,41 @@ def hosts(moto_process: MotoProcess, module_memcached: MemcachedServer,  # noqa:
     try:
         with ThreadPoolExecutor(HOSTS) as pool:
             list(pool.map(Cluster.start, clusters))
-        _warm_up(clusters)
         yield bucket, clusters
     finally:
         for cluster in clusters:
             cluster.stop()
 
 
-def _warm_up(clusters: List[Cluster]) -> None:
-    """One small upload per server thread, all at once: every worker has its
-    S3 connections open before the stampedes, so theirs arrive together."""
-    body, ctype = encode_multipart([], [("file", "warm.bin", "application/octet-stream", b"warm")])
-    ports = [c.port for c in clusters] * (WORKERS * THREADS)
-    with ThreadPoolExecutor(len(ports)) as pool:
-        statuses = list(pool.map(lambda port: http_post(port, "/upload", body, ctype, timeout=60)[0], ports))
-    assert statuses == [200] * len(ports)
+def _post_held(port: int, target: str, body: bytes, ctype: str, barrier: threading.Barrier) -> bytes:
+    """POST ``body`` but hold back its end (the last KiB of the file and the
+    closing delimiter) until every client of ``barrier`` has sent the rest:
+    the files then end, and their commits race, at the same instant."""
+    tail = len(body) - body.rindex(b"\r\n--") + KiB
+    head = (f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head + body[:-tail])
+        barrier.wait()
+        s.sendall(body[-tail:])
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
 
 
 def _stampede(clusters: List[Cluster], policy: str, contents: List[bytes]) -> List[Tuple[int, Dict[str, Any]]]:
-    """Upload ``contents[i]`` as ``photo.jpg`` from client ``i``, all released at
-    once, spread over the hosts; each client's (status, JSON answer)."""
+    """Upload ``contents[i]`` as ``photo.jpg`` from client ``i``, spread over
+    the hosts, all ended at once; each client's (status, JSON answer)."""
     bodies = [encode_multipart([], [("file", FILENAME, "image/jpeg", data)]) for data in contents]
     barrier = threading.Barrier(len(bodies), timeout=30)
 
     def send(i: int) -> Tuple[int, Dict[str, Any]]:
         body, ctype = bodies[i]
-        port = clusters[i % len(clusters)].port
-        barrier.wait()
-        status, _, raw = http_post(port, f"/collide/{policy}", body, ctype, timeout=60)
+        status, _, raw = parse_response(_post_held(clusters[i % len(clusters)].port, f"/collide/{policy}",
+                                                   body, ctype, barrier))
         return status, json.loads(raw)
 
     with ThreadPoolExecutor(len(bodies)) as pool:

@@ -92,8 +92,10 @@ class MotoProcess:
     its own temp dir, never the app's. Its conditional writes are atomic, as
     on S3 (see :mod:`tests.support.moto_server`)."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, latency: float = 0.0) -> None:
         self.workdir = workdir
+        #: Seconds every request to a key waits before it is served (a real store's latency).
+        self.latency = latency
         self.port = 0
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
@@ -105,7 +107,7 @@ class MotoProcess:
         tmp = os.path.join(self.workdir, "moto-tmp")
         os.makedirs(tmp, exist_ok=True)
         self.port = free_port()
-        env = dict(os.environ, TMPDIR=tmp, **DUMMY_CREDENTIALS)
+        env = dict(os.environ, TMPDIR=tmp, UPLOADKIT_TEST_S3_LATENCY=str(self.latency), **DUMMY_CREDENTIALS)
         log = open(os.path.join(self.workdir, "moto.log"), "wb")
         try:
             self.proc = subprocess.Popen(
