@@ -44,6 +44,14 @@ a key can never leave the storage root. A bad key is a refusal
 Backend failures (disk full, permission denied, S3 unreachable) are raised as
 :class:`~uploadkit.errors.StorageUnavailable` (503) naming the operation, after
 whatever was started has been removed.
+
+Every call to an asynchronous backend (S3 through s3fs, GCS, ...) has a
+deadline, ``Storage(timeout=30.0)`` by default: a network that drops packets
+without a reset would otherwise hold the request for as long as TCP takes to
+give up (see :mod:`uploadkit._deadline`). A missed deadline refuses the upload
+like any backend failure; as the backend is unreachable right then, what the
+upload started (an S3 multipart upload, a temp key) is removed by the
+background retry rather than by waiting on it once more.
 """
 
 from __future__ import annotations
@@ -76,6 +84,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
+from ._deadline import bounded, unbounded, unreachable
 from .errors import BadKey, FileExists, StorageUnavailable, UploadError
 from .files import FileInfo, UploadedFile
 from .filenames import sanitize_filename
@@ -347,9 +356,18 @@ class _Reaper:
         self._jobs: List[_ReapJob] = []
         self._thread: Optional[threading.Thread] = None
 
-    def remove(self, key: str, remove: Callable[[], None], holds: str = "holds") -> None:
+    def remove(self, key: str, remove: Callable[[], None], holds: str = "holds", now: bool = True) -> None:
         """Undo a refused upload's file now or, while storage is down, later.
-        Never raises: abort paths call it."""
+        Never raises: abort paths call it.
+
+        ``now=False``: storage just missed a deadline, so trying now would hold
+        the caller for another one; the removal goes straight to the background.
+        """
+        if not now:
+            log.warning("uploadkit: %r %s a refused upload and storage is unreachable;"
+                        " removing it in the background", key, holds)
+            self.add(key, remove)
+            return
         try:
             remove()
         except FileNotFoundError:
@@ -651,10 +669,11 @@ class _FsspecPendingWrite(PendingWrite):
             self._file.write(data)
 
     def _finish(self) -> None:
-        f, self._file = self._file, None
+        f = self._file
         if f is not None:
             with _guard("write", self.key or "(upload)"):
                 f.close()  # completes the temp object (S3: the multipart upload)
+            self._file = None  # kept until then: a failed completion is aborted by discard
 
     def _place(self, key: str) -> str:
         storage = self.storage
@@ -737,6 +756,9 @@ class _FsspecPendingWrite(PendingWrite):
 
     def _discard(self) -> None:
         f, self._file = self._file, None
+        if unreachable(self.storage.fs):
+            self._discard_later(f)
+            return
         if f is not None:
             try:
                 if isinstance(f, AbstractBufferedFile):
@@ -877,6 +899,37 @@ def _s3_abort(fs: Any, bucket: str, key: str, upload_id: str) -> None:
         fs.call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
         holds="has an unfinished multipart upload for")
 
+    def _discard_later(self, f: Any) -> None:
+        """Discard while storage is unreachable: it just missed a deadline, and
+        waiting on it here would hold the request for another one. The abort
+        (S3: AbortMultipartUpload) and the deletes go to the background retry;
+        ``uploadkit cleanup`` finds whatever this process cannot remove."""
+        fs, tmp = self.storage.fs, self._tmp
+        if isinstance(f, AbstractBufferedFile):
+            # Never used again: closed, so that __del__ does not complete it
+            # with partial data, and its buffer released now, not at the abort.
+            f.closed = True
+            f.buffer = None
+        aborted = f is None
+
+        def undo() -> None:
+            nonlocal aborted
+            if not aborted:
+                try:
+                    if isinstance(f, AbstractBufferedFile):
+                        f.discard()
+                    else:
+                        f.close()
+                except FileNotFoundError:  # aborted or completed already
+                    pass
+                aborted = True
+            fs.rm_file(tmp)  # a completion that landed unanswered
+
+        _REAPER.remove(tmp, undo, holds="may hold", now=False)
+        placing, self._placing = self._placing, None
+        if placing is not None:
+            _REAPER.remove(placing, lambda: fs.rm_file(placing), holds="may hold", now=False)
+
 
 # -- the storage -------------------------------------------------------------------
 
@@ -906,6 +959,13 @@ class Storage:
         then a delete (S3, GCS, Azure...) rather than a rename; guessed from the
         protocol. On such stores a commit whose delete of the temp key fails
         still counts as stored, and the temp key is left to ``uploadkit cleanup``.
+    :param timeout: seconds each call to an asynchronous backend (s3fs, gcsfs,
+        ...) may take, connecting, waiting for a pooled connection, sending (one
+        part, one put), committing (complete, copy, delete) and the backend's own
+        retries included; a call past it is cancelled and the upload refused with
+        :class:`~uploadkit.errors.StorageUnavailable`. None: no deadline.
+        Synchronous backends are not affected: local disk needs none, and a
+        synchronous network backend is bounded by its own timeout options.
     """
 
     def __init__(self, url: str, *, base_url: Optional[str] = None,
@@ -913,18 +973,26 @@ class Storage:
                  dedup_hash: Literal["sha256", "md5"] = "sha256",
                  storage_options: Optional[Dict[str, Any]] = None,
                  fs: Optional[AbstractFileSystem] = None, block_size: Optional[int] = None,
-                 temp_dir: str = ".uploadkit-tmp", object_store: Optional[bool] = None) -> None:
+                 temp_dir: str = ".uploadkit-tmp", object_store: Optional[bool] = None,
+                 timeout: Optional[float] = 30.0) -> None:
         if collision not in _COLLISIONS:
             raise ValueError(f"collision must be one of {_COLLISIONS}, not {collision!r}")
         if dedup_hash not in ("sha256", "md5"):
             raise ValueError(f"dedup_hash must be 'sha256' or 'md5', not {dedup_hash!r}")
         if not temp_dir.startswith(".") or "/" in temp_dir:
             raise ValueError(f"temp_dir must be one hidden directory name like '.uploadkit-tmp', not {temp_dir!r}")
+        if timeout is not None and not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
         if fs is None:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         else:
             root = url
-        self.fs: AbstractFileSystem = fs
+            fs = unbounded(fs)  # another Storage's fs: bound what it bounds, once
+        #: Deadline of each call to an asynchronous backend, in seconds (None: none).
+        self.timeout = timeout
+        #: The filesystem; an asynchronous one is seen through a view whose
+        #: calls have the deadline (``isinstance`` still sees its class).
+        self.fs: AbstractFileSystem = bounded(fs, timeout)
         self.local = type(fs) is LocalFileSystem
         if self.local:
             root = os.path.abspath(root)
@@ -1322,7 +1390,8 @@ class StorageHandler(UploadHandler):
             # since. It is left in place (it is a correct copy of its bytes).
             elif (pending.committed and not pending.deduplicated
                   and pending.collision not in ("overwrite", "dedup") and pending.final_key):
-                _REAPER.remove(pending.final_key, functools.partial(self.storage._remove, pending.final_key))
+                _REAPER.remove(pending.final_key, functools.partial(self.storage._remove, pending.final_key),
+                               now=not unreachable(self.storage.fs))
         self._files.clear()
 
 
