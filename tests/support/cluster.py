@@ -3,7 +3,8 @@
 * :class:`MotoProcess`: an S3-compatible server (moto) in its own process, so
   its work does not compete for the test process's GIL and it can be killed.
 * :class:`TcpProxy`: a TCP forwarder in front of it that a test can cut and
-  restore (an S3 outage without losing the server's state).
+  restore (an S3 outage without losing the server's state), or blackhole and
+  heal (packets dropped, nothing closed).
 * :class:`Cluster`: gunicorn (gthread) with N workers serving
   :mod:`tests.support.cluster_app`, in its own session, stopped by its own
   process group id.
@@ -164,7 +165,15 @@ class MotoProcess:
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to ``target_port``. ``cut()`` closes the
     listener and every open connection (clients then get refused connections);
-    ``restore()`` listens again on the same port."""
+    ``restore()`` listens again on the same port.
+
+    ``blackhole(after=n)`` lets ``n`` more bytes through towards the target,
+    then stops forwarding in both directions *without closing anything*: the
+    proxy stops reading and writing, its sockets stay open, and new
+    connections are accepted but carry nothing. To a client that is a network
+    dropping every packet: no reset, no answer, writes that stop draining once
+    the socket buffers are full. ``heal()`` forwards again, what was held first.
+    """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -173,6 +182,13 @@ class TcpProxy:
         self._conns: List[socket.socket] = []
         self._lock = threading.Lock()
         self._threads: List[threading.Thread] = []
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._budget: Optional[int] = None  # bytes towards the target before the blackhole
+        #: ``time.monotonic()`` when the blackhole began (None: not yet, or healed).
+        self.blackholed_at: Optional[float] = None
+        self._blackholed = threading.Event()
+        self._clients: List[socket.socket] = []
 
     @property
     def url(self) -> str:
@@ -208,17 +224,28 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns += [client, upstream]
+                self._clients.append(client)
             pair = [client, upstream]
             ended = [0]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b, pair, ended), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(a, b, pair, ended, a is client), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, pair: List[socket.socket], ended: List[int]) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, pair: List[socket.socket], ended: List[int],
+              towards_target: bool = False) -> None:
         try:
             while True:
+                self._flowing.wait()  # blackholed: read nothing more
                 data = src.recv(256 * 1024)
                 if not data:
                     break
+                if towards_target:
+                    data, held = self._spend(data)
+                    if data:
+                        dst.sendall(data)
+                    if not held:
+                        continue
+                    data = held
+                self._flowing.wait()  # blackholed: what was read is held, as by a dead link
                 dst.sendall(data)
         except OSError:
             pass
@@ -233,12 +260,74 @@ class TcpProxy:
                 for s in pair:
                     if s in self._conns:
                         self._conns.remove(s)
+                    if s in self._clients:
+                        self._clients.remove(s)
                     s.close()
 
+    def _spend(self, data: bytes) -> Tuple[bytes, bytes]:
+        """Split ``data`` into what goes through now and what the blackhole holds."""
+        with self._lock:
+            if self._budget is not None:
+                if len(data) < self._budget:
+                    self._budget -= len(data)
+                    return data, b""
+                now, held = data[:self._budget], data[self._budget:]
+                self._budget = None
+                self._flowing.clear()
+                self.blackholed_at = time.monotonic()
+                self._blackholed.set()
+                return now, held
+            if self._flowing.is_set():
+                return data, b""
+            return b"", data  # read just as the blackhole began
+
+    def blackhole(self, after: int = 0) -> None:
+        """Stop forwarding, without closing anything, once ``after`` more bytes
+        went towards the target (at once when 0)."""
+        with self._lock:
+            self._blackholed.clear()
+            self.blackholed_at = None
+            if after > 0:
+                self._budget = after
+                return
+            self._budget = None
+            self._flowing.clear()
+            self.blackholed_at = time.monotonic()
+            self._blackholed.set()
+
+    def wait_blackholed(self, timeout: float) -> bool:
+        """Whether the blackhole began within ``timeout`` seconds."""
+        return self._blackholed.wait(timeout)
+
+    def heal(self) -> None:
+        """Forward again: first what the blackhole held, then everything."""
+        with self._lock:
+            self._budget = None
+        self._flowing.set()
+
+    def clients_gone(self) -> int:
+        """How many accepted client connections their client has closed (FIN or
+        reset), seen without reading from them: a blackholed connection is not read."""
+        with self._lock:
+            clients = list(self._clients)
+        gone = 0
+        for s in clients:
+            poller = select.poll()
+            try:
+                poller.register(s, select.POLLRDHUP)
+            except (OSError, ValueError):  # closed by the proxy itself
+                continue
+            if any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0)):
+                gone += 1
+        return gone
+
     def cut(self) -> None:
+        self._flowing.set()  # blackholed pipes wake up and meet the closed sockets
         with self._lock:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
+            self._clients = []
+            self._budget = None
         if listener is not None:
             try:
                 listener.shutdown(socket.SHUT_RDWR)

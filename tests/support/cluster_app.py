@@ -15,7 +15,8 @@ Other settings: ``UPLOADKIT_CLUSTER_STORAGE_OPTIONS`` (JSON fsspec options),
 ``UPLOADKIT_CLUSTER_RETRY_AFTER`` (memcached circuit breaker, seconds),
 ``UPLOADKIT_CLUSTER_BLOCK_SIZE`` (S3 part size, bytes),
 ``UPLOADKIT_CLUSTER_PROGRESS_SETTINGS`` (JSON keyword arguments of
-``ProgressSettings``, over the cluster's ``interval=0.1``).
+``ProgressSettings``, over the cluster's ``interval=0.1``),
+``UPLOADKIT_CLUSTER_STORAGE_TIMEOUT`` (``Storage(timeout=...)``, seconds).
 
 ``POST /collide/<policy>`` (``rename``, ``error``, ``dedup``) stores into the
 same storage with that collision policy, under ``<policy>/{filename}``
@@ -75,7 +76,8 @@ def _store() -> MemcachedStore:
 def _storage(**kw: Any) -> Storage:
     options = json.loads(os.environ.get("UPLOADKIT_CLUSTER_STORAGE_OPTIONS") or "{}")
     return Storage(os.environ["UPLOADKIT_CLUSTER_STORAGE"], storage_options=options,
-                   block_size=int(os.environ.get("UPLOADKIT_CLUSTER_BLOCK_SIZE", str(5 << 20))), **kw)
+                   block_size=int(os.environ.get("UPLOADKIT_CLUSTER_BLOCK_SIZE", str(5 << 20))),
+                   timeout=float(os.environ.get("UPLOADKIT_CLUSTER_STORAGE_TIMEOUT", "30")), **kw)
 
 
 STORE = _store()
