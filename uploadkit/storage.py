@@ -905,30 +905,32 @@ def _s3_abort(fs: Any, bucket: str, key: str, upload_id: str) -> None:
         (S3: AbortMultipartUpload) and the deletes go to the background retry;
         ``uploadkit cleanup`` finds whatever this process cannot remove."""
         fs, tmp = self.storage.fs, self._tmp
+        placing, self._placing = self._placing, None
+        steps: List[Callable[[], Any]] = []
         if isinstance(f, AbstractBufferedFile):
             # Never used again: closed, so that __del__ does not complete it
             # with partial data, and its buffer released now, not at the abort.
             f.closed = True
             f.buffer = None
-        aborted = f is None
-
-        def undo() -> None:
-            nonlocal aborted
-            if not aborted:
-                try:
-                    if isinstance(f, AbstractBufferedFile):
-                        f.discard()
-                    else:
-                        f.close()
-                except FileNotFoundError:  # aborted or completed already
-                    pass
-                aborted = True
-            fs.rm_file(tmp)  # a completion that landed unanswered
-
-        _REAPER.remove(tmp, undo, holds="may hold", now=False)
-        placing, self._placing = self._placing, None
+            steps.append(f.discard)
+        elif f is not None:
+            steps.append(f.close)
+        # The temp key (a completion that landed unanswered) goes before the
+        # final key: a copy the network still holds may land late, and fails
+        # once its source is gone; one that landed earlier is removed next.
+        steps.append(functools.partial(fs.rm_file, tmp))
         if placing is not None:
-            _REAPER.remove(placing, lambda: fs.rm_file(placing), holds="may hold", now=False)
+            steps.append(functools.partial(fs.rm_file, placing))
+
+        def undo() -> None:  # retried until every step is done; done ones are not redone
+            while steps:
+                try:
+                    steps[0]()
+                except FileNotFoundError:  # aborted, completed or removed already
+                    pass
+                steps.pop(0)
+
+        _REAPER.remove(placing or tmp, undo, holds="may hold", now=False)
 
 
 # -- the storage -------------------------------------------------------------------
