@@ -25,7 +25,7 @@ import pytest
 from fsspec.asyn import AsyncFileSystem
 
 from tests.support.cluster import (MiB, Cluster, MotoProcess, TcpProxy, build_body,  # noqa: F401
-                                   http_post, module_memcached, moto_process, wait_final)
+                                   http_post, module_memcached, moto_process, payload, wait_final)
 from tests.support.memcached import MemcachedServer
 from uploadkit import cli
 from uploadkit._deadline import BoundedFileSystem, DeadlineExceeded, unbounded, unreachable
@@ -210,6 +210,43 @@ def test_a_timed_out_write_is_cancelled_and_its_connection_closed(
         time.sleep(0.1)
     assert moto_process.pending_uploads(bucket) == []  # aborted in the background
     assert final_keys(moto_process, bucket) == {"uploads/after.txt": 5}
+
+
+@pytest.mark.parametrize("marker, drop", [(b"<CompleteMultipartUpload", True), (b"x-amz-copy-source", False)],
+                         ids=["the completion, never delivered", "the copy to the final key, delivered late"])
+def test_a_commit_cut_by_a_blackhole_is_refused_and_undone(
+        moto_process: MotoProcess, proxy: TcpProxy, marker: bytes, drop: bool) -> None:  # noqa: F811
+    bucket = moto_process.create_bucket()
+    storage = Storage(f"s3://{bucket}/uploads", timeout=DEADLINE, block_size=5 * MiB,
+                      storage_options=moto_process.options(endpoint_url=proxy.url))
+    proxy.blackhole(on=marker)  # that request, and everything after it, is held
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(storage.save, io.BytesIO(payload(6 * MiB, 3)), "final.bin")
+        try:
+            job.result(timeout=30)
+        except StorageUnavailable as exc:
+            error = exc
+        except FutureTimeout:
+            proxy.heal()
+            pytest.fail("the commit was still waiting 30 s after it began")
+        else:
+            pytest.fail("stored through a blackhole")
+    assert proxy.blackholed_at is not None, "the commit never reached the blackhole"
+    assert time.monotonic() - proxy.blackholed_at <= DEADLINE + MARGIN
+    assert isinstance(error.__cause__, DeadlineExceeded), repr(error.__cause__)
+    if drop:  # the completion never came: its multipart upload is pending
+        assert len(moto_process.pending_uploads(bucket)) == 1
+    # Once the network heals, the held request is lost (the multipart upload
+    # must be aborted) or reaches S3 late (the copy lands under the final
+    # key). Either way the background retry leaves nothing: no multipart
+    # upload, no temp key, nothing under the final key.
+    proxy.heal(drop=drop)
+    deadline = time.monotonic() + 30
+    while (moto_process.pending_uploads(bucket) or moto_process.keys(bucket, "uploads/")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert moto_process.pending_uploads(bucket) == []
+    assert moto_process.keys(bucket, "uploads/") == {}
 
 
 def test_waiting_for_a_pooled_connection_has_the_deadline(moto_process: MotoProcess) -> None:  # noqa: F811

@@ -167,8 +167,9 @@ class TcpProxy:
     listener and every open connection (clients then get refused connections);
     ``restore()`` listens again on the same port.
 
-    ``blackhole(after=n)`` lets ``n`` more bytes through towards the target,
-    then stops forwarding in both directions *without closing anything*: the
+    ``blackhole(after=n)`` lets ``n`` more bytes through towards the target
+    (``blackhole(on=b"...")``: everything before the first read that holds
+    those bytes, e.g. one request's header), then stops forwarding in both directions *without closing anything*: the
     proxy stops reading and writing, its sockets stay open, and new
     connections are accepted but carry nothing. To a client that is a network
     dropping every packet: no reset, no answer, writes that stop draining once
@@ -185,6 +186,8 @@ class TcpProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self._budget: Optional[int] = None  # bytes towards the target before the blackhole
+        self._marker = b""  # or: the bytes towards the target that start it
+        self._tail = b""  # the end of the last read, where a marker may begin
         #: ``time.monotonic()`` when the blackhole began (None: not yet, or healed).
         self.blackholed_at: Optional[float] = None
         self._blackholed = threading.Event()
@@ -267,42 +270,56 @@ class TcpProxy:
     def _spend(self, data: bytes) -> Tuple[bytes, bytes]:
         """Split ``data`` into what goes through now and what the blackhole holds."""
         with self._lock:
+            if self._marker:
+                seen, self._tail = self._tail + data, data[-len(self._marker):]
+                if self._marker in seen:
+                    self._marker = b""
+                    self._begin_blackhole()
+                    return b"", data
+                return data, b""
             if self._budget is not None:
                 if len(data) < self._budget:
                     self._budget -= len(data)
                     return data, b""
                 now, held = data[:self._budget], data[self._budget:]
                 self._budget = None
-                self._flowing.clear()
-                self.blackholed_at = time.monotonic()
-                self._blackholed.set()
+                self._begin_blackhole()
                 return now, held
             if self._flowing.is_set():
                 return data, b""
             return b"", data  # read just as the blackhole began
 
-    def blackhole(self, after: int = 0) -> None:
+    def _begin_blackhole(self) -> None:  # under the lock
+        self._flowing.clear()
+        self.blackholed_at = time.monotonic()
+        self._blackholed.set()
+
+    def blackhole(self, after: int = 0, on: bytes = b"") -> None:
         """Stop forwarding, without closing anything, once ``after`` more bytes
-        went towards the target (at once when 0)."""
+        went towards the target, or before the first read holding ``on``
+        (at once when neither is given)."""
         with self._lock:
             self._blackholed.clear()
             self.blackholed_at = None
+            self._budget, self._marker, self._tail = None, on, b""
             if after > 0:
                 self._budget = after
-                return
-            self._budget = None
-            self._flowing.clear()
-            self.blackholed_at = time.monotonic()
-            self._blackholed.set()
+            elif not on:
+                self._begin_blackhole()
 
     def wait_blackholed(self, timeout: float) -> bool:
         """Whether the blackhole began within ``timeout`` seconds."""
         return self._blackholed.wait(timeout)
 
-    def heal(self) -> None:
-        """Forward again: first what the blackhole held, then everything."""
+    def heal(self, drop: bool = False) -> None:
+        """Forward again: first what the blackhole held, then everything. With
+        ``drop``, the connections it held are reset instead and what they held
+        is lost (as when TCP gives up on them); new ones are forwarded."""
         with self._lock:
-            self._budget = None
+            self._budget, self._marker = None, b""
+            held = list(self._conns) if drop else []
+        for s in held:
+            _reset(s)
         self._flowing.set()
 
     def clients_gone(self) -> int:
@@ -327,7 +344,7 @@ class TcpProxy:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
             self._clients = []
-            self._budget = None
+            self._budget, self._marker = None, b""
         if listener is not None:
             try:
                 listener.shutdown(socket.SHUT_RDWR)
@@ -335,24 +352,29 @@ class TcpProxy:
                 pass
             listener.close()
         for s in conns:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                # A pipe thread blocked in send or recv on this socket keeps it
-                # alive past close(): both directions could stay blocked for
-                # ever (each end writing, neither reading), and the client
-                # would wait on a connection nobody ends. shutdown() wakes them.
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()  # linger 0: a reset, like a dead server
-            except OSError:
-                pass
+            _reset(s)
 
     def stop(self) -> None:
         self.cut()
         for t in self._threads:
             t.join(timeout=5)
+
+
+def _reset(s: socket.socket) -> None:
+    """Close ``s`` with a reset, like a dead server."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        # A pipe thread blocked in send or recv on this socket keeps it
+        # alive past close(): both directions could stay blocked for
+        # ever (each end writing, neither reading), and the client
+        # would wait on a connection nobody ends. shutdown() wakes them.
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        s.close()  # linger 0: a reset
+    except OSError:
+        pass
 
 
 # -- gunicorn ---------------------------------------------------------------------------
