@@ -786,6 +786,40 @@ class _FsspecPendingWrite(PendingWrite):
                 remove = functools.partial(fs.rm_file, placing)
             _REAPER.remove(placing, remove, holds="may hold")
 
+    def _discard_later(self, f: Any) -> None:
+        """Discard while storage is unreachable: it just missed a deadline, and
+        waiting on it here would hold the request for another one. The abort
+        (S3: AbortMultipartUpload) and the deletes go to the background retry;
+        ``uploadkit cleanup`` finds whatever this process cannot remove."""
+        fs, tmp = self.storage.fs, self._tmp
+        placing, self._placing = self._placing, None
+        steps: List[Callable[[], Any]] = []
+        if isinstance(f, AbstractBufferedFile):
+            # Never used again: closed, so that __del__ does not complete it
+            # with partial data, and its buffer released now, not at the abort.
+            f.closed = True
+            f.buffer = None
+            steps.append(f.discard)
+        elif f is not None:
+            steps.append(f.close)
+        # The temp key (a completion that landed unanswered) goes before the
+        # final key: a copy the network still holds may land late, and fails
+        # once its source is gone; one that landed earlier is removed next.
+        steps.append(functools.partial(fs.rm_file, tmp))
+        if placing is not None:
+            steps.append(functools.partial(_s3_remove_own, fs, placing, self._write_id)
+                         if self.storage._conditional_s3 else functools.partial(fs.rm_file, placing))
+
+        def undo() -> None:  # retried until every step is done; done ones are not redone
+            while steps:
+                try:
+                    steps[0]()
+                except FileNotFoundError:  # aborted, completed or removed already
+                    pass
+                steps.pop(0)
+
+        _REAPER.remove(placing or tmp, undo, holds="may hold", now=False)
+
 
 #: Metadata naming the pending write that created an S3 object (see ``_s3_create``).
 _WRITE_ID_META = "uploadkit-write"
@@ -897,41 +931,7 @@ def _s3_abort(fs: Any, bucket: str, key: str, upload_id: str) -> None:
     the temp area. Never raises."""
     _REAPER.remove(f"{bucket}/{key}", functools.partial(
         fs.call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
-        holds="has an unfinished multipart upload for")
-
-    def _discard_later(self, f: Any) -> None:
-        """Discard while storage is unreachable: it just missed a deadline, and
-        waiting on it here would hold the request for another one. The abort
-        (S3: AbortMultipartUpload) and the deletes go to the background retry;
-        ``uploadkit cleanup`` finds whatever this process cannot remove."""
-        fs, tmp = self.storage.fs, self._tmp
-        placing, self._placing = self._placing, None
-        steps: List[Callable[[], Any]] = []
-        if isinstance(f, AbstractBufferedFile):
-            # Never used again: closed, so that __del__ does not complete it
-            # with partial data, and its buffer released now, not at the abort.
-            f.closed = True
-            f.buffer = None
-            steps.append(f.discard)
-        elif f is not None:
-            steps.append(f.close)
-        # The temp key (a completion that landed unanswered) goes before the
-        # final key: a copy the network still holds may land late, and fails
-        # once its source is gone; one that landed earlier is removed next.
-        steps.append(functools.partial(fs.rm_file, tmp))
-        if placing is not None:
-            steps.append(functools.partial(fs.rm_file, placing))
-
-        def undo() -> None:  # retried until every step is done; done ones are not redone
-            while steps:
-                try:
-                    steps[0]()
-                except FileNotFoundError:  # aborted, completed or removed already
-                    pass
-                steps.pop(0)
-
-        _REAPER.remove(placing or tmp, undo, holds="may hold", now=False)
-
+        holds="has an unfinished multipart upload for", now=not unreachable(fs))
 
 # -- the storage -------------------------------------------------------------------
 
