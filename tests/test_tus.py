@@ -509,9 +509,10 @@ def test_a_cut_first_patch_keeps_even_a_held_head(a: str, b: str) -> None:
     wait_for(lambda: head(moved(url, b)).headers["Upload-Offset"] == "100", what="the held head")
 
 
-def test_a_silent_patch_loses_its_lock_to_the_next_request(a: str, b: str, root: str) -> None:
+@pytest.mark.parametrize("endpoint", ["stale", "mcstale"], ids=["lease-files", "memcached"])
+def test_a_silent_patch_loses_its_lock_to_the_next_request(a: str, b: str, root: str, endpoint: str) -> None:
     data = payload(400_000, seed=6)
-    url = create(a, len(data), "stale")
+    url = create(a, len(data), endpoint)
     # A client that sends part of its body, then goes silent with the connection open.
     stale = _cut_patch(url, 0, 200_000, data[:100_000], keep_open=True)
     try:

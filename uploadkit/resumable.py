@@ -228,6 +228,83 @@ class FileLease:
             os.close(fd)
 
 
+class MemcachedLease:
+    """The same lease in memcached, for hosts that share a storage: ``add``
+    with a TTL takes it (atomic on the server), the holder's heartbeat
+    (a ``set`` at most every second while bytes arrive) renews the TTL, and
+    a holder that died or went silent simply lets it expire: the next
+    request's ``add`` then succeeds. Before each write the holder checks the
+    lease is still its own. That check and the write are two steps, so a
+    holder silent for the whole TTL that wakes in between could still append
+    one chunk after a newcomer took over; lease files (one host) have no
+    such window.
+    """
+
+    BEAT = 1.0
+
+    def __init__(self, store: Any, upload_id: str, timeout: float) -> None:
+        assert valid_upload_id(upload_id)
+        self.store = store
+        self.key = f"tus-lock-{upload_id}"
+        self.ttl = max(1, int(timeout + 0.999))
+        self.token = secrets.token_hex(8).encode("ascii")
+        self._beat = 0.0
+        self.held = False
+
+    def _call(self, what: str, fn: Any) -> Any:
+        from .errors import ProgressUnavailable
+
+        try:
+            return self.store._node(self.key).call(what, fn)
+        except ProgressUnavailable:
+            raise StorageUnavailable("the lock store (memcached) is unavailable; retry shortly") from None
+
+    def try_acquire(self) -> bool:
+        key, token, ttl = self.key, self.token, self.ttl
+        if self._call("add", lambda c: c.add(key, token, expire=ttl, noreply=False)) \
+                or self._call("get", lambda c: c.get(key)) == token:
+            self.held = True
+            self._beat = time.time()
+            return True
+        return False
+
+    def acquire(self, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        delay = 0.02
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                raise UploadLocked("another request is writing to this upload; retry shortly")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def break_stale(self) -> bool:
+        return False  # a silent holder's lease expires by itself
+
+    @contextmanager
+    def fenced(self) -> Iterator[None]:
+        key, token, ttl = self.key, self.token, self.ttl
+        if self._call("get", lambda c: c.get(key)) != token:
+            self.held = False
+            raise UploadLocked("this request lost the upload's lock after going silent")
+        yield
+        now = time.time()
+        if now - self._beat >= self.BEAT:
+            self._call("set", lambda c: c.set(key, token, expire=ttl, noreply=False))
+            self._beat = now
+
+    def release(self) -> None:
+        key, token = self.key, self.token
+        try:
+            if self.held and self._call("get", lambda c: c.get(key)) == token:
+                self._call("delete", lambda c: c.delete(key, noreply=False))
+        except UploadError:
+            pass
+        self.held = False
+
+    def close(self) -> None:
+        pass
+
+
 # -- the upload area ---------------------------------------------------------------
 
 
@@ -242,7 +319,7 @@ class Appender:
 
 
 class _LocalAppender(Appender):
-    def __init__(self, path: str, lease: FileLease) -> None:
+    def __init__(self, path: str, lease: Any) -> None:
         self.lease = lease
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -267,7 +344,7 @@ class _FsspecAppender(Appender):
     chunk is written and flushed under the lease, so what is stored is what
     was fenced."""
 
-    def __init__(self, fs: Any, path: str, lease: FileLease) -> None:
+    def __init__(self, fs: Any, path: str, lease: Any) -> None:
         self.lease = lease
         self.f: Any = fs.open(path, "ab")
 
@@ -342,7 +419,7 @@ class UploadArea:
         except OSError as exc:
             raise StorageUnavailable(f"cannot look up an upload's data: {exc.strerror or exc}") from None
 
-    def appender(self, upload_id: str, lease: FileLease) -> Appender:
+    def appender(self, upload_id: str, lease: Any) -> Appender:
         return _LocalAppender(self.data_path(upload_id), lease)
 
     def read(self, upload_id: str, size: int = -1) -> Iterator[bytes]:
@@ -447,7 +524,7 @@ class FsspecUploadArea(UploadArea):
         except Exception as exc:
             raise StorageUnavailable(f"cannot look up an upload's data: {type(exc).__name__}") from None
 
-    def appender(self, upload_id: str, lease: FileLease) -> Appender:
+    def appender(self, upload_id: str, lease: Any) -> Appender:
         return _FsspecAppender(self.fs, self.data_path(upload_id), lease)
 
     def read(self, upload_id: str, size: int = -1) -> Iterator[bytes]:
@@ -542,7 +619,7 @@ class ResumableSink(UploadHandler):
     hashes and thumbnails see the whole file); they are not written again.
     """
 
-    def __init__(self, area: UploadArea, upload_id: str, lease: FileLease, *, skip: int = 0) -> None:
+    def __init__(self, area: UploadArea, upload_id: str, lease: Any, *, skip: int = 0) -> None:
         self.area = area
         self.upload_id = upload_id
         self.lease = lease
@@ -648,5 +725,5 @@ class BeforeFinish(UploadHandler):
             self.hook(ctx.environ, f)
 
 
-__all__ = ["UploadState", "FileLease", "UploadArea", "FsspecUploadArea", "area_for", "ResumableSink",
+__all__ = ["UploadState", "FileLease", "MemcachedLease", "UploadArea", "FsspecUploadArea", "area_for", "ResumableSink",
            "BeforeFinish", "UploadError"]

@@ -40,7 +40,7 @@ from .limits import Limits
 from .pipeline import Pipeline, RequestContext
 from .progress import NULL_PROGRESS, ProgressListener
 from .reader import _chunks
-from .resumable import BeforeFinish, FileLease, ResumableSink, UploadArea, UploadState, area_for
+from .resumable import BeforeFinish, ResumableSink, UploadArea, UploadState, area_for
 from .sniffing import HEAD_SIZE
 from . import tus
 
@@ -85,6 +85,9 @@ class TusSettings:
         answer (status >= 400) discards the file. False: files are committed
         without asking the app.
     :param field_name: the field name the app sees the file under.
+    :param lock_store: a :class:`~uploadkit.progress.MemcachedStore` to keep
+        the uploads' leases in, for several hosts sharing one storage
+        (default: lease files, which serialize the workers of one host).
     """
 
     path: str = "/upload/tus/"
@@ -98,6 +101,7 @@ class TusSettings:
     before_finish: Optional[BeforeFinishHook] = None
     handoff: bool = True
     field_name: str = "file"
+    lock_store: Any = None
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -235,6 +239,13 @@ class TusApp:
 
     # -- helpers ---------------------------------------------------------
 
+    def _lease(self, upload_id: str) -> Any:
+        if self.settings.lock_store is not None:
+            from .resumable import MemcachedLease
+
+            return MemcachedLease(self.settings.lock_store, upload_id, self.settings.lock_timeout)
+        return self.area.lease(upload_id, self.settings.lock_timeout)
+
     def _max_size(self, limits: Limits) -> Optional[int]:
         sizes = [s for s in (self.settings.max_size, limits.max_file_size) if s is not None]
         return min(sizes) if sizes else None
@@ -309,7 +320,7 @@ class TusApp:
         ctype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
         if (has_body and ctype == tus.PATCH_CONTENT_TYPE) or length == 0:
             # creation-with-upload (or an empty file, complete at once)
-            lease = self.area.lease(upload_id, self.settings.lock_timeout)
+            lease = self._lease(upload_id)
             lease.acquire(self.settings.lock_wait)
             try:
                 answer = self._append(environ, state, lease, 0, creating=True)
@@ -331,7 +342,7 @@ class TusApp:
         self._authorize(environ, "head", upload_id)
         state = self._load(upload_id)
         if state.status != "done":
-            lease = self.area.lease(upload_id, self.settings.lock_timeout)
+            lease = self._lease(upload_id)
             try:
                 lease.break_stale()
             finally:
@@ -355,7 +366,7 @@ class TusApp:
                 upload_id: str) -> Iterable[bytes]:
         self._authorize(environ, "delete", upload_id)
         self._load(upload_id)
-        lease = self.area.lease(upload_id, self.settings.lock_timeout)
+        lease = self._lease(upload_id)
         lease.acquire(self.settings.lock_wait)
         try:
             state = self._load(upload_id)
@@ -387,7 +398,7 @@ class TusApp:
             raise tus.TusError("a PATCH needs an Upload-Offset header")
         tus.parse_checksum(environ.get("HTTP_UPLOAD_CHECKSUM"))  # refuse a bad one before the lock
         self._load(upload_id)
-        lease = self.area.lease(upload_id, self.settings.lock_timeout)
+        lease = self._lease(upload_id)
         lease.acquire(self.settings.lock_wait)
         try:
             state = self._load(upload_id)  # fresh, now that the upload is ours
@@ -403,7 +414,7 @@ class TusApp:
         start_response("204 No Content", headers)
         return []
 
-    def _append(self, environ: Environ, state: UploadState, lease: FileLease, offset: int,
+    def _append(self, environ: Environ, state: UploadState, lease: Any, offset: int,
                 creating: bool = False) -> Tuple[int, Optional[Tuple[str, List[Tuple[str, str]], List[bytes]]]]:
         """Append this request's body at ``offset``; complete the upload when it is whole.
 
@@ -494,7 +505,7 @@ class TusApp:
         return _ResumedProgress(StoreProgress(store, state.progress_id, self.mw.progress_settings),
                                 offset, state.length)
 
-    def _drive(self, environ: Environ, state: UploadState, lease: FileLease, body: Iterator[bytes],
+    def _drive(self, environ: Environ, state: UploadState, lease: Any, body: Iterator[bytes],
                content_length: Optional[int], limits: Limits,
                progress: Optional[ProgressListener] = None
                ) -> Tuple[int, Optional[Tuple[str, List[Tuple[str, str]], List[bytes]]]]:
