@@ -560,3 +560,83 @@ def test_a_terminated_tuspy_upload_leaves_nothing(a: str, root: str) -> None:
     assert not os.path.exists(os.path.join(root, "plain", upload_id(up.url) + ".bin"))
     with pytest.raises(Exception):
         up.upload()
+
+
+# -- in one process: thumbnails, quota, an fsspec storage that appends ------------------------------
+
+
+def _in_process(**kw: Any) -> Tuple[Any, list]:
+    from uploadkit.middleware import UploadMiddleware
+    from uploadkit.tusapp import TusSettings
+
+    got: list = []
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        got.extend(environ["uploadkit.files"].values())
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    tus = kw.pop("tus", TusSettings())
+    return UploadMiddleware(app, tus=tus, **kw), got
+
+
+def test_thumbnails_are_made_on_completion_and_stored_beside_the_file(tmp_path: Any) -> None:
+    from tests.support.wsgi import serve
+    from uploadkit.imaging import Thumbnailer
+    from uploadkit.progress import MemoryStore
+    from uploadkit.storage import Storage
+
+    storage = Storage(str(tmp_path / "media"))
+    store = MemoryStore()
+    mw, got = _in_process(storage=storage, thumbnails=Thumbnailer([(32, 32)]), progress=store)
+    jpeg = encode(photo(300, 200), "JPEG")
+    with serve(mw) as srv:
+        url = create(srv.url, len(jpeg), "upload", **{"Upload-Metadata": meta(filename="p.jpg")})
+        assert patch(url, 0, jpeg[:5000]).status_code == 204
+        assert got == [] and store.get(upload_id(url))["state"] == "uploading"  # type: ignore[index]
+        assert patch(url, 5000, jpeg[5000:]).status_code == 204
+    [f] = got
+    assert f.content_type == "image/jpeg" and f.sha256 == hashlib.sha256(jpeg).hexdigest()
+    with storage.open(f.key) as fh:
+        assert fh.read() == jpeg
+    assert set(f.thumbnails) == {"32x32"} and storage.exists(f.thumbnails["32x32"])
+    assert store.get(upload_id(url))["state"] == "done"  # type: ignore[index]
+
+
+def test_quota_counts_the_whole_file_on_completion(tmp_path: Any) -> None:
+    from tests.support.wsgi import serve
+    from uploadkit.tusapp import TusSettings
+
+    mw, got = _in_process(quota=lambda environ: 15_000, tus=TusSettings(directory=str(tmp_path / "up")))
+    with serve(mw) as srv:
+        url = create(srv.url, 20_000, "upload")
+        assert patch(url, 0, payload(10_000)).status_code == 204  # within the quota
+        r = patch(url, 10_000, payload(10_000))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "quota_exceeded"
+        assert head(url).status_code == 410
+    assert got == [] and not [n for n in os.listdir(tmp_path / "up") if n.endswith(".bin")]
+
+
+def test_an_fsspec_storage_that_appends(tmp_path: Any) -> None:
+    from tests.support.wsgi import serve
+    from uploadkit.storage import Storage
+
+    storage = Storage(f"memory://tus-{os.getpid()}-{time.monotonic_ns()}")
+    mw, got = _in_process(storage=storage, tempdir=str(tmp_path))
+    data = payload(70_000)
+    with serve(mw) as srv:
+        url = create(srv.url, len(data), "upload", **{"Upload-Metadata": meta(filename="m.bin")})
+        for offset in range(0, len(data), 20_000):
+            assert patch(url, offset, data[offset:offset + 20_000]).status_code == 204
+    [f] = got
+    with storage.open(f.key) as fh:
+        assert fh.read() == data and f.sha256 == hashlib.sha256(data).hexdigest()
+    assert [k for k in storage.fs.find(storage.root) if "/tus/" in k and k.endswith(".bin")] == []
+
+
+def test_a_thumbnailer_that_rewrites_originals_is_refused() -> None:
+    from uploadkit.imaging import Thumbnailer
+    from uploadkit.storage import Storage
+
+    with pytest.raises(ValueError, match="originals as sent"):
+        _in_process(storage=Storage("memory://x"), thumbnails=Thumbnailer([(32, 32)], strip_gps=True))

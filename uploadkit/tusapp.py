@@ -177,6 +177,11 @@ class TusApp:
     def __init__(self, middleware: "UploadMiddleware", settings: TusSettings) -> None:
         self.mw = middleware
         self.settings = settings
+        if getattr(middleware.thumbnails, "rewrites_originals", False):
+            # The bytes of a resumable upload are stored as they arrive: an
+            # original cannot be rewritten after the fact.
+            raise ValueError("tus uploads store originals as sent: a Thumbnailer with strip_gps or"
+                             " max_original cannot serve them")
         self.area: UploadArea = area_for(middleware.storage, settings.directory, middleware.tempdir)
 
     def handles(self, environ: Environ) -> bool:
