@@ -243,8 +243,11 @@ def _tus_areas(tempdirs: Sequence[str], tus_dirs: Sequence[str], storage: Any) -
 
     areas: List[Any] = [UploadArea(d) for d in tus_dirs]
     areas += [UploadArea(os.path.join(d, AREA_NAME)) for d in tempdirs if os.path.isdir(os.path.join(d, AREA_NAME))]
-    if storage is not None and not storage.object_store:
-        areas.append(area_for(storage, None, None))
+    if storage is not None:
+        try:
+            areas.append(area_for(storage, None, None))
+        except ValueError:  # a store tus cannot write to holds no uploads
+            pass
     return areas
 
 
@@ -271,6 +274,8 @@ def _find_multipart_uploads(storage: Any, older_than: float, now: float) -> List
     while True:
         page = fs.call_s3("list_multipart_uploads", **kwargs)
         for upload in page.get("Uploads", []):
+            if upload["Key"].startswith(prefix + "tus/"):
+                continue  # a resumable upload's parts: reclaimed when it expires
             started = _timestamp(upload.get("Initiated"))
             if started is not None and now - started < older_than:
                 continue

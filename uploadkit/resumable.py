@@ -363,6 +363,10 @@ class _FsspecAppender(Appender):
 class UploadArea:
     """The upload area on a local directory (the default, and local Storage)."""
 
+    #: Whether the stored bytes can be read back before the upload is complete
+    #: (S3's parts cannot: its uploads are completed first, see finalize).
+    replayable = True
+
     def __init__(self, directory: str, lock_dir: Optional[str] = None, storage: Optional["Storage"] = None) -> None:
         self.directory = directory
         self.lock_dir = lock_dir or directory
@@ -435,6 +439,9 @@ class UploadArea:
 
     def open_data(self, upload_id: str) -> IO[bytes]:
         return open(self.data_path(upload_id), "rb")
+
+    def finalize(self, state: UploadState, lease: Any) -> None:
+        """Make the complete upload's bytes one readable object (nothing to do here)."""
 
     def touch(self, upload_id: str) -> None:
         os.close(os.open(self.data_path(upload_id), os.O_WRONLY | os.O_CREAT, 0o600))
@@ -578,6 +585,201 @@ class FsspecUploadArea(UploadArea):
         return pending
 
 
+#: S3's smallest part but the last.
+S3_MIN_PART = 5 * 1024 * 1024
+
+
+class _S3Appender(Appender):
+    """Cuts one request's bytes into the upload's S3 parts as they arrive.
+
+    S3 needs parts of at least 5 MiB (but the last), so bytes are gathered
+    up to ``part_size`` (memory: one part) and each full part is uploaded
+    as soon as it is complete. What is left when the request ends, cut or
+    not, is written as the *tail*, its own small object ``<id>.tail.<n>``,
+    where ``n`` is the part it will begin; the next request starts its first
+    part with it. A tail is valid only while part ``n`` does not exist, so a
+    worker killed after uploading the part that absorbed a tail, but before
+    removing that tail, counts those bytes once.
+    """
+
+    def __init__(self, area: "S3UploadArea", upload_id: str, lease: Any) -> None:
+        self.area = area
+        self.upload_id = upload_id
+        self.lease = lease
+        self.mpu, parts, self.tail_key = area._layout(upload_id)
+        self.part = len(parts)
+        self.buffer = bytearray(area.fs.cat_file(self.tail_key) if self.tail_key else b"")
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        size = self.area.part_size
+        while len(self.buffer) >= size:
+            self._upload(bytes(self.buffer[:size]))
+            del self.buffer[:size]
+
+    def _upload(self, data: bytes) -> None:
+        area = self.area
+        with self.lease.fenced():
+            area._s3("upload_part", Body=data, PartNumber=self.part + 1, UploadId=self.mpu,
+                     **area._where(self.upload_id, ".bin"))
+        self.part += 1
+        old, self.tail_key = self.tail_key, None
+        if old:
+            area._rm(old)  # absorbed by the part just uploaded
+
+    def close(self) -> None:
+        if self.buffer:
+            key = self.area._tail_key(self.upload_id, self.part + 1)
+            with self.lease.fenced():
+                self.area.fs.pipe_file(key, bytes(self.buffer))
+            old, self.tail_key = self.tail_key, key
+            if old and old != key:
+                self.area._rm(old)
+            self.buffer = bytearray()
+
+
+class S3UploadArea(FsspecUploadArea):
+    """The upload area on S3: each upload's bytes go into one multipart upload
+    on ``<id>.bin`` in the storage's temp area (parts as they fill, the rest
+    as a tail object), so nothing is appended in place and a worker killed
+    mid-PATCH leaves what its last part or tail stored. On completion the
+    multipart upload is completed (the tail becomes the last part); then the
+    storage's commit copies the object to its final key.
+    """
+
+    replayable = False
+
+    def __init__(self, storage: "Storage", lock_dir: str) -> None:
+        super().__init__(storage, lock_dir)
+        self.part_size: int = max(S3_MIN_PART, storage.block_size or 0)
+
+    def _where(self, upload_id: str, suffix: str) -> Dict[str, str]:
+        bucket, key, _ = self.fs.split_path(self._p(upload_id, suffix))
+        return {"Bucket": bucket, "Key": key}
+
+    def _s3(self, op: str, **kw: Any) -> Any:
+        try:
+            return self.fs.call_s3(op, **kw)
+        except UploadError:
+            raise
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise StorageUnavailable(f"storage failed to {op}: {type(exc).__name__}") from None
+
+    def _rm(self, path: str) -> None:
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    def _tail_key(self, upload_id: str, part: int) -> str:
+        return self._p(upload_id, f".tail.{part}")
+
+    def create(self, state: UploadState) -> None:
+        out = self._s3("create_multipart_upload", **self._where(state.id, ".bin"))
+        state.extra["mpu"] = out["UploadId"]
+        super().create(state)
+
+    def _mpu(self, upload_id: str) -> Optional[str]:
+        state = self.load(upload_id)
+        if state is None or state.extra.get("assembled"):
+            return None
+        return state.extra.get("mpu")
+
+    def _parts(self, upload_id: str, mpu: str) -> List[Dict[str, Any]]:
+        parts: List[Dict[str, Any]] = []
+        kw: Dict[str, Any] = {"UploadId": mpu, **self._where(upload_id, ".bin")}
+        while True:
+            page = self._s3("list_parts", **kw)
+            parts += page.get("Parts", [])
+            if not page.get("IsTruncated"):
+                return sorted(parts, key=lambda p: int(p["PartNumber"]))
+            kw["PartNumberMarker"] = page["NextPartNumberMarker"]
+
+    def _layout(self, upload_id: str) -> Tuple[str, List[Dict[str, Any]], Optional[str]]:
+        """The multipart upload, its parts, and the valid tail's key (if any)."""
+        mpu = self._mpu(upload_id)
+        if mpu is None:
+            raise StorageUnavailable("the upload's multipart upload is gone")
+        parts = self._parts(upload_id, mpu)
+        tail = self._tail_key(upload_id, len(parts) + 1)
+        self.fs.invalidate_cache(tail)
+        return mpu, parts, tail if self.fs.exists(tail) else None
+
+    def stored(self, upload_id: str) -> int:
+        mpu = self._mpu(upload_id)
+        if mpu is None:
+            return super().stored(upload_id)  # assembled: one object
+        try:
+            _, parts, tail = self._layout(upload_id)
+        except FileNotFoundError:  # completed by a request that died before saying so
+            return super().stored(upload_id)
+        size = sum(int(p["Size"]) for p in parts)
+        if tail:
+            size += int(self.fs.info(tail)["size"])
+        return size
+
+    def appender(self, upload_id: str, lease: Any) -> Appender:
+        return _S3Appender(self, upload_id, lease)
+
+    def finalize(self, state: UploadState, lease: Any) -> None:
+        """Complete the multipart upload: the tail becomes the last part, and
+        the bytes become one readable object (replayed, then committed)."""
+        if state.extra.get("assembled"):
+            return
+        mpu = state.extra["mpu"]
+        where = self._where(state.id, ".bin")
+        try:
+            _, parts, tail = self._layout(state.id)
+        except FileNotFoundError:
+            parts, tail = [], None
+            mpu = None  # completed before: only the flag was lost
+        if mpu is not None:
+            with lease.fenced():
+                if tail:
+                    out = self._s3("upload_part", Body=self.fs.cat_file(tail), PartNumber=len(parts) + 1,
+                                   UploadId=mpu, **where)
+                    parts.append({"PartNumber": len(parts) + 1, "ETag": out["ETag"]})
+                if parts:
+                    self._s3("complete_multipart_upload", UploadId=mpu, MultipartUpload={
+                        "Parts": [{"PartNumber": int(p["PartNumber"]), "ETag": p["ETag"]} for p in parts]},
+                        **where)
+                else:  # an empty file: S3 wants at least one part
+                    self._s3("abort_multipart_upload", UploadId=mpu, **where)
+                    self.fs.pipe_file(self.data_path(state.id), b"")
+            if tail:
+                self._rm(tail)
+        state.extra["assembled"] = True
+        self.save(state)
+
+    def touch(self, upload_id: str) -> None:
+        pass  # finalize made the object
+
+    def remove_data(self, upload_id: str) -> None:
+        state = self.load(upload_id)
+        mpu = None if state is None or state.extra.get("assembled") else state.extra.get("mpu")
+        if mpu:
+            try:
+                self._s3("abort_multipart_upload", UploadId=mpu, **self._where(upload_id, ".bin"))
+            except FileNotFoundError:
+                pass
+        prefix = self._p(upload_id, ".tail.")
+        self.fs.invalidate_cache(self.directory)
+        try:
+            names = self.fs.ls(self.directory, detail=False)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if name.startswith(prefix):
+                self._rm(name)
+        super().remove_data(upload_id)
+
+    def remove(self, upload_id: str) -> None:
+        self.remove_data(upload_id)
+        super().remove(upload_id)
+
+
 def area_for(storage: Optional["Storage"], directory: Optional[str], tempdir: Optional[str]) -> UploadArea:
     """The upload area the middleware's configuration implies.
 
@@ -592,8 +794,15 @@ def area_for(storage: Optional["Storage"], directory: Optional[str], tempdir: Op
     if storage.local:
         return UploadArea(storage._local_path(f"{storage.temp_dir}/{STORAGE_AREA}"), storage=storage)
     if storage.object_store:
+        if _is_s3(storage.fs):
+            return S3UploadArea(storage, lock_dir)
         raise ValueError(f"resumable uploads to {storage!r} are not supported yet: its backend cannot append")
     return FsspecUploadArea(storage, lock_dir)
+
+
+def _is_s3(fs: Any) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"s3", "s3a"}) and hasattr(fs, "call_s3")
 
 
 def _unlink(path: str) -> None:
@@ -725,5 +934,5 @@ class BeforeFinish(UploadHandler):
             self.hook(ctx.environ, f)
 
 
-__all__ = ["UploadState", "FileLease", "MemcachedLease", "UploadArea", "FsspecUploadArea", "area_for", "ResumableSink",
+__all__ = ["UploadState", "FileLease", "MemcachedLease", "UploadArea", "FsspecUploadArea", "S3UploadArea", "area_for", "ResumableSink",
            "BeforeFinish", "UploadError"]

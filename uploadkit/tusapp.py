@@ -511,18 +511,20 @@ class TusApp:
                                 offset, state.length)
 
     def _drive(self, environ: Environ, state: UploadState, lease: Any, body: Iterator[bytes],
-               content_length: Optional[int], limits: Limits,
-               progress: Optional[ProgressListener] = None
+               content_length: Optional[int], limits: Limits, replay: bool = False
                ) -> Tuple[int, Optional[Tuple[str, List[Tuple[str, str]], List[bytes]]]]:
+        """One request's run through the chain: ``whole`` (the whole file:
+        stored bytes replayed, then the body) when this request completes
+        the upload and the area can be read back, else a segment."""
         area, upload_id = self.area, state.id
         stored = area.stored(upload_id)
         held = state.head_bytes if not stored else b""
         offset = stored or len(held)
-        whole = state.length is not None and content_length is not None and offset + content_length == state.length
+        whole = replay or (area.replayable and state.length is not None and content_length is not None
+                           and offset + content_length == state.length)
         sink = ResumableSink(area, upload_id, lease, skip=stored if whole else 0)
         chain = self._chain(environ, whole, sink)
-        if progress is None:
-            progress = self._listener(environ, state, offset)
+        progress = self._listener(environ, state, offset)
         ctx = RequestContext(limits=limits, environ=environ, content_length=content_length)
         pipeline = Pipeline(chain, ctx, progress)
         meta = tus.parse_metadata(state.metadata)
@@ -582,12 +584,14 @@ class TusApp:
             self._keep(state, head)
             return new_offset, None
         if not whole:
-            # Complete without knowing it in advance (a chunked body, or the
-            # length declared late): run the whole chain over the stored file.
+            # Complete without knowing it in advance (a chunked body, the
+            # length declared late), or on a store whose parts cannot be read
+            # before they are assembled: run the whole chain over the stored file.
             pipeline.close()
             self._keep(state, head)
+            area.finalize(state, lease)
             empty: Iterator[bytes] = iter(())
-            return self._drive(environ, state, lease, empty, 0, limits)
+            return self._drive(environ, state, lease, empty, 0, limits, replay=True)
         return self._complete(environ, state, pipeline, new_offset)
 
     def _keep(self, state: UploadState, head: bytearray) -> None:

@@ -13,6 +13,10 @@ other "host").
                   ``authorize`` hook denies the action named in ``X-Deny``; a
                   ``before_finish`` hook refuses files named ``virus*``; the
                   app refuses files named ``refuse*`` with 403.
+``/s3/tus/``      into ``Storage($UPLOADKIT_TUS_S3_URL)`` (options in
+                  ``$UPLOADKIT_TUS_S3_OPTIONS``, JSON) when set; a silent PATCH loses
+                  its lock after 1 s. A PATCH writes its worker's PID to
+                  ``<root>/serving-<upload id>`` before its body is read.
 ``/pid``          the worker's PID.
 
 Every completed file is described by the app in ``<root>/handed/<upload id>.json``
@@ -119,8 +123,25 @@ APPS = {
 }
 
 
+if os.environ.get("UPLOADKIT_TUS_S3_URL"):
+    APPS["s3"] = _mw("s3", storage=Storage(os.environ["UPLOADKIT_TUS_S3_URL"],
+                                           storage_options=json.loads(os.environ["UPLOADKIT_TUS_S3_OPTIONS"])),
+                     limits=Limits(max_file_size=64 << 20), lock_timeout=1.0, lock_wait=0.2)
+
+
+def _mark_serving(path: str) -> None:
+    upload = path.rstrip("/").rpartition("/")[2]
+    if len(upload) == 32 and upload.isalnum():
+        marker = os.path.join(ROOT, f"serving-{upload}")
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
+
+
 def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     worker = str(os.getpid())
+    if environ.get("REQUEST_METHOD") == "PATCH":
+        _mark_serving(environ.get("PATH_INFO", ""))
 
     def start(status: str, headers: List[Any], exc_info: Any = None) -> Any:
         return start_response(status, list(headers) + [("X-Worker-PID", worker)], exc_info)
