@@ -112,12 +112,14 @@ class FileLease:
       two writers never interleave.
     """
 
-    #: Heartbeats are written at most this often (seconds).
+    #: Heartbeats are written at most this often (seconds), and at least four
+    #: times per ``timeout``, so a holder that keeps receiving is never stale.
     BEAT = 1.0
 
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
+        self.beat = min(self.BEAT, timeout / 4)
         self.token = secrets.token_hex(8)
         self._fd = -1
         self._beat = 0.0
@@ -205,7 +207,7 @@ class FileLease:
                 raise UploadLocked("this request lost the upload's lock after going silent")
             yield
             now = time.time()
-            if now - self._beat >= self.BEAT:
+            if now - self._beat >= self.beat:
                 self._write(fd, self.token, now)
                 self._beat = now
 
@@ -246,7 +248,11 @@ class MemcachedLease:
         assert valid_upload_id(upload_id)
         self.store = store
         self.key = f"tus-lock-{upload_id}"
-        self.ttl = max(1, int(timeout + 0.999))
+        # memcached counts expiry in whole seconds of its own clock: a TTL of
+        # n expires within (n - 1, n] seconds, so one more keeps the lease at
+        # least ``timeout`` after the last heartbeat.
+        self.ttl = int(timeout + 0.999) + 1
+        self.beat = min(self.BEAT, timeout / 4)
         self.token = secrets.token_hex(8).encode("ascii")
         self._beat = 0.0
         self.held = False
@@ -288,7 +294,7 @@ class MemcachedLease:
             raise UploadLocked("this request lost the upload's lock after going silent")
         yield
         now = time.time()
-        if now - self._beat >= self.BEAT:
+        if now - self._beat >= self.beat:
             self._call("set", lambda c: c.set(key, token, expire=ttl, noreply=False))
             self._beat = now
 

@@ -7,7 +7,7 @@ other "host").
                   progress in memcached when ``$UPLOADKIT_TUS_MEMCACHED`` is set.
 ``/png/tus/``     ``allowed_types={"image/png"}``.
 ``/short/tus/``   uploads expire after 1 s.
-``/stale/tus/``   a silent PATCH loses its lock after 1 s; a PATCH waits 0.2 s for a lock.
+``/stale/tus/``   a silent PATCH loses its lock after 3 s; a PATCH waits 0.2 s for a lock.
 ``/mcstale/tus/`` the same with the leases in memcached.
 ``/store/tus/``   into ``Storage(<root>/media)``, collision ``rename``; an
                   ``authorize`` hook denies the action named in ``X-Deny``; a
@@ -116,8 +116,8 @@ APPS = {
     "plain": _mw("plain", cors_origins=["http://allowed.example"]),
     "png": _mw("png", limits=Limits(max_file_size=8 << 20, allowed_types=frozenset({"image/png"}))),
     "short": _mw("short", expire_after=1.0),
-    "stale": _mw("stale", lock_timeout=1.0, lock_wait=0.2),
-    "mcstale": _mw("mcstale", lock_timeout=1.0, lock_wait=0.2, lock_store=STORE),
+    "stale": _mw("stale", lock_timeout=3.0, lock_wait=0.2),
+    "mcstale": _mw("mcstale", lock_timeout=3.0, lock_wait=0.2, lock_store=STORE),
     "store": _mw("store", storage=Storage(os.path.join(ROOT, "media")), authorize=authorize,
                  before_finish=scan),
 }
@@ -140,7 +140,7 @@ def _mark_serving(path: str) -> None:
 
 def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     worker = str(os.getpid())
-    if environ.get("REQUEST_METHOD") == "PATCH":
+    if environ.get("REQUEST_METHOD") == "PATCH" and environ.get("PATH_INFO", "").startswith("/s3/"):
         _mark_serving(environ.get("PATH_INFO", ""))
 
     def start(status: str, headers: List[Any], exc_info: Any = None) -> Any:
