@@ -136,7 +136,8 @@ def test_options_describes_the_server(a: str) -> None:
     assert r.headers["Tus-Resumable"] == "1.0.0"
     assert r.headers["Tus-Version"] == "1.0.0"
     assert set(r.headers["Tus-Extension"].split(",")) >= {
-        "creation", "creation-with-upload", "creation-defer-length", "expiration", "checksum", "termination"}
+        "creation", "creation-with-upload", "creation-defer-length", "expiration", "checksum", "termination",
+        "concatenation"}
     assert r.headers["Tus-Max-Size"] == str(8 << 20)
     assert set(r.headers["Tus-Checksum-Algorithm"].split(",")) == {"sha1", "sha256", "md5"}
 
@@ -640,3 +641,58 @@ def test_a_thumbnailer_that_rewrites_originals_is_refused() -> None:
 
     with pytest.raises(ValueError, match="originals as sent"):
         _in_process(storage=Storage("memory://x"), thumbnails=Thumbnailer([(32, 32)], strip_gps=True))
+
+
+# -- concatenation ------------------------------------------------------------------------------
+
+
+def test_concatenation_of_partial_uploads_made_on_two_servers(a: str, b: str, root: str) -> None:
+    png = encode(photo(200, 150), "PNG")
+    pieces = [png[:100], png[100:30_000], png[30_000:]]
+    urls = []
+    for i, piece in enumerate(pieces):
+        base = a if i % 2 else b
+        url = create(base, len(piece), "png", **{"Upload-Concat": "partial"})
+        assert head(url).headers["Upload-Concat"] == "partial"
+        half = len(piece) // 2
+        assert patch(url, 0, piece[:half]).status_code == 204  # partials are not sniffed: they are pieces
+        assert patch(moved(url, a), half, piece[half:]).status_code == 204
+        urls.append(url)
+    assert not [u for u in urls if os.path.exists(os.path.join(root, "handed", upload_id(u) + ".json"))]
+    # one URL absolute, the others as paths
+    final = "final;" + " ".join([urls[0]] + [urlparse(u).path for u in urls[1:]])
+    r = requests.post(f"{a}/png/tus/", headers={**T, "Upload-Concat": final,
+                                                 "Upload-Metadata": meta(filename="joined.png")}, timeout=20)
+    assert r.status_code == 201, r.text
+    url = r.headers["Location"]
+    [f] = handed(root, url)
+    assert f["filename"] == "joined.png" and f["content_type"] == "image/png"
+    assert f["sha256"] == f["content_sha256"] == hashlib.sha256(png).hexdigest()
+    h = head(moved(url, b))
+    assert h.headers["Upload-Offset"] == h.headers["Upload-Length"] == str(len(png))
+    assert h.headers["Upload-Concat"] == "final;" + " ".join(urlparse(u).path for u in urls)
+    assert patch(url, len(png), b"x").status_code == 403  # a final upload takes no PATCH
+    for u in urls:  # the pieces are spent
+        assert head(u).status_code == 410
+        assert not os.path.exists(os.path.join(root, "png", upload_id(u) + ".bin"))
+
+
+def test_bad_concatenations_are_400_and_change_nothing(a: str, root: str) -> None:
+    whole = create(a, 10)
+    unfinished = create(a, 10, **{"Upload-Concat": "partial"})
+    assert patch(unfinished, 0, b"12345").status_code == 204
+    done = create(a, 3, **{"Upload-Concat": "partial"})
+    assert patch(done, 0, b"abc").status_code == 204
+    before = snapshot(root)
+    for value, extra in [
+        (f"final;{urlparse(whole).path}", {}),  # not a partial upload
+        (f"final;{urlparse(unfinished).path} {urlparse(done).path}", {}),  # not complete
+        (f"final;{urlparse(done).path} {urlparse(done).path}", {}),  # twice
+        (f"final;/plain/tus/{'0' * 32}", {}),  # unknown
+        ("final;/elsewhere/tus/" + upload_id(done), {}),  # not ours
+        ("final;", {}), ("partial;x", {}), ("whole", {}),
+        (f"final;{urlparse(done).path}", {"Upload-Length": "3"}),
+    ]:
+        r = requests.post(f"{a}/plain/tus/", headers={**T, "Upload-Concat": value, **extra}, timeout=10)
+        assert r.status_code == 400, (value, r.text)
+        assert snapshot(root) == before, value

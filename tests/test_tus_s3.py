@@ -135,3 +135,23 @@ def test_terminated_uploads_leave_no_object_part_or_pending_upload(servers: Tupl
     assert requests.delete(moved(url, b), headers=T, timeout=10).status_code == 204
     assert _left(s3, upload_id(url)) == ({}, [])
     assert head(url).status_code == 410
+
+
+def test_concatenation_of_partial_uploads_in_s3(servers: Tuple[str, str], root: str,
+                                                s3: Tuple[MotoProcess, str]) -> None:
+    a, b = servers
+    data = payload(7 * MiB + 11, seed=14)
+    cut = 6 * MiB
+    urls = []
+    for base, piece in ((a, data[:cut]), (b, data[cut:])):
+        url = create(base, len(piece), "s3", **{"Upload-Concat": "partial"})
+        assert patch(url, 0, piece).status_code == 204
+        urls.append(url)
+    r = requests.post(f"{b}/s3/tus/", headers={**T, "Upload-Concat": "final;" + " ".join(urls),
+                                                "Upload-Metadata": meta(filename="joined.bin")}, timeout=60)
+    assert r.status_code == 201, r.text
+    [f] = handed(root, r.headers["Location"])
+    moto, bucket = s3
+    assert moto.sha256(bucket, "media/" + f["key"]) == hashlib.sha256(data).hexdigest() == f["sha256"]
+    for url in urls + [r.headers["Location"]]:
+        assert _left(s3, upload_id(url)) == ({}, [])

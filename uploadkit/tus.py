@@ -22,13 +22,14 @@ import secrets
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 from .errors import UploadError
 
 TUS_VERSION = "1.0.0"
 #: The extensions this server speaks, in the order ``Tus-Extension`` lists them.
 EXTENSIONS = ("creation", "creation-with-upload", "creation-defer-length", "expiration",
-              "checksum", "termination")
+              "checksum", "termination", "concatenation")
 #: ``Upload-Checksum`` algorithms, as the tus checksum extension names them.
 CHECKSUM_ALGORITHMS = ("sha1", "sha256", "md5")
 PATCH_CONTENT_TYPE = "application/offset+octet-stream"
@@ -222,6 +223,41 @@ def metadata_text(pairs: Mapping[str, Optional[bytes]], key: str) -> str:
         return ""
 
 
+#: Partial uploads one final upload may join: tus-js-client's parallelUploads
+#: sends a handful; thousands would be a way to make one request read forever.
+MAX_CONCAT_PARTS = 1000
+
+
+def parse_concat(value: Optional[str], path: str) -> Optional[Tuple[str, List[str]]]:
+    """``Upload-Concat``: ``partial``, or ``final;<url> <url>...`` naming
+    partial uploads of this server (absolute URLs or paths under ``path``).
+
+    :returns: ``("partial", [])``, ``("final", [upload ids])``, or None when absent.
+    :raises TusError: anything else, or a URL that is not one of our uploads.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value == "partial":
+        return "partial", []
+    kind, sep, rest = value.partition(";")
+    if kind.strip() != "final" or not sep:
+        raise TusError("Upload-Concat must be 'partial' or 'final;<url> <url>...'")
+    ids = []
+    urls = rest.split()
+    if not urls or len(urls) > MAX_CONCAT_PARTS:
+        raise TusError(f"Upload-Concat: final names 1 to {MAX_CONCAT_PARTS} partial uploads",
+                       limit=MAX_CONCAT_PARTS)
+    for url in urls:
+        target = urlsplit(url).path
+        if not target.startswith(path) or not valid_upload_id(target[len(path):]):
+            raise TusError(f"Upload-Concat names {url[:80]!r}, which is not an upload of this server")
+        ids.append(target[len(path):])
+    if len(set(ids)) != len(ids):
+        raise TusError("Upload-Concat names one partial upload twice")
+    return "final", ids
+
+
 @dataclass(frozen=True)
 class Checksum:
     algorithm: str
@@ -286,6 +322,6 @@ __all__ = [
     "WrongContentType", "UploadTooLarge", "UploadLocked", "ChecksumMismatch", "UnsupportedChecksum",
     "TusForbidden", "TusMethodNotAllowed", "Checksum",
     "new_upload_id", "valid_upload_id", "check_version", "parse_size", "parse_metadata",
-    "encode_metadata", "metadata_text", "parse_checksum", "http_date", "common_headers",
+    "encode_metadata", "metadata_text", "parse_checksum", "parse_concat", "http_date", "common_headers",
     "options_headers", "cors_headers",
 ]

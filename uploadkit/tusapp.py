@@ -293,6 +293,9 @@ class TusApp:
     def _create(self, environ: Environ, start_response: StartResponse,
                 base: List[Tuple[str, str]]) -> Iterable[bytes]:
         limits = self.mw.limits_for(environ)
+        concat = tus.parse_concat(environ.get("HTTP_UPLOAD_CONCAT"), self.settings.path)
+        if concat is not None and concat[0] == "final":
+            return self._concatenate(environ, start_response, base, concat[1], limits)
         length = tus.parse_size("Upload-Length", environ.get("HTTP_UPLOAD_LENGTH"))
         defer = environ.get("HTTP_UPLOAD_DEFER_LENGTH")
         if defer is not None and defer.strip() != "1":
@@ -304,8 +307,6 @@ class TusApp:
             raise tus.UploadTooLarge(f"the upload is {format_size(length)}; the limit is {format_size(max_size)}",
                                      limit=max_size)
         metadata = tus.parse_metadata(environ.get("HTTP_UPLOAD_METADATA"))
-        if environ.get("HTTP_UPLOAD_CONCAT"):
-            raise tus.TusError("the concatenation extension is not supported")
         self._authorize(environ, "create", None)
         upload_id = tus.new_upload_id()
         progress_id = upload_id
@@ -316,6 +317,8 @@ class TusApp:
         now = time.time()
         state = UploadState(id=upload_id, length=length, metadata=tus.encode_metadata(metadata),
                             created=now, expires=now + self.settings.expire_after, progress_id=progress_id)
+        if concat is not None:
+            state.extra["concat"] = "partial"
         self.area.create(state)
         environ[UPLOAD_ID_KEY] = upload_id
         headers = base + [("Location", self._location(environ, upload_id)),
@@ -340,6 +343,67 @@ class TusApp:
         start_response("201 Created", headers + [("Content-Length", "0")])
         return []
 
+    def _concatenate(self, environ: Environ, start_response: StartResponse, base: List[Tuple[str, str]],
+                     parts: List[str], limits: Limits) -> Iterable[bytes]:
+        """A final upload: the partial uploads' bytes, in order, streamed
+        through the whole chain as one file (sniffing, hashes, thumbnails,
+        commit, hand-off), as if a single PATCH had sent them."""
+        if environ.get("HTTP_UPLOAD_LENGTH") is not None:
+            raise tus.TusError("a final upload must not send Upload-Length: its length is its parts'")
+        metadata = tus.parse_metadata(environ.get("HTTP_UPLOAD_METADATA"))
+        self._authorize(environ, "create", None)
+        states = []
+        for part in parts:
+            try:
+                st = self._load(part)
+            except (tus.UploadNotFound, tus.UploadGone):
+                raise tus.TusError(f"partial upload {part} does not exist or is gone") from None
+            if st.extra.get("concat") != "partial":
+                raise tus.TusError(f"upload {part} is not a partial upload")
+            if st.length is None or self._offset(st) != st.length:
+                raise tus.TusError(f"partial upload {part} is not complete")
+            states.append(st)
+        length = sum(st.length or 0 for st in states)
+        max_size = self._max_size(limits)
+        if max_size is not None and length > max_size:
+            raise tus.UploadTooLarge(f"the parts add up to {format_size(length)}; the limit is"
+                                     f" {format_size(max_size)}", limit=max_size)
+        upload_id = tus.new_upload_id()
+        now = time.time()
+        state = UploadState(id=upload_id, length=length, metadata=tus.encode_metadata(metadata), created=now,
+                            expires=now + self.settings.expire_after, progress_id=upload_id)
+        header = "final;" + " ".join(self.settings.path + p for p in parts)
+        state.extra["concat"] = header
+        self.area.create(state)
+        environ[UPLOAD_ID_KEY] = upload_id
+        leases = [self._lease(upload_id)] + [self._lease(p) for p in parts]
+        held: List[Any] = []
+        try:
+            for lease in leases:
+                lease.acquire(self.settings.lock_wait)
+                held.append(lease)
+            for st, lease in zip(states, leases[1:]):
+                self.area.finalize(st, lease)  # S3: the parts become readable
+
+            def body() -> Iterator[bytes]:
+                for st in states:
+                    if st.length:
+                        yield from self.area.read(st.id)
+
+            _, answer = self._drive(environ, state, leases[0], body(), length, limits)
+            for st in states:  # joined: the partial uploads are spent
+                self._terminate(st)
+        finally:
+            for lease in held:
+                lease.release()
+        headers = base + [("Location", self._location(environ, upload_id)),
+                          ("Upload-Expires", tus.http_date(state.expires))]
+        if answer is not None and not answer[0].startswith("2"):
+            start_response(answer[0], answer[1] + headers)
+            return answer[2]
+        start_response("201 Created", headers + [("Content-Length", "0")])
+        return []
+
     # -- HEAD --------------------------------------------------------------
 
     def _head(self, environ: Environ, start_response: StartResponse, base: List[Tuple[str, str]],
@@ -360,6 +424,8 @@ class TusApp:
             headers.append(("Upload-Length", str(state.length)))
         if state.metadata:
             headers.append(("Upload-Metadata", state.metadata))
+        if state.extra.get("concat"):
+            headers.append(("Upload-Concat", state.extra["concat"]))
         if not head:
             headers.append(("Content-Length", "0"))
         start_response("200 OK", headers)
@@ -407,6 +473,8 @@ class TusApp:
         lease.acquire(self.settings.lock_wait)
         try:
             state = self._load(upload_id)  # fresh, now that the upload is ours
+            if str(state.extra.get("concat", "")).startswith("final"):
+                raise tus.TusForbidden("a final upload is made of its parts: it takes no PATCH")
             new_offset, handed = self._append(environ, state, lease, offset)
         finally:
             lease.release()
@@ -520,13 +588,17 @@ class TusApp:
         stored = area.stored(upload_id)
         held = state.head_bytes if not stored else b""
         offset = stored or len(held)
-        whole = replay or (area.replayable and state.length is not None and content_length is not None
-                           and offset + content_length == state.length)
+        partial = state.extra.get("concat") == "partial"
+        whole = not partial and (replay or (area.replayable and state.length is not None
+                                            and content_length is not None and offset + content_length == state.length))
         sink = ResumableSink(area, upload_id, lease, skip=stored if whole else 0)
-        chain = self._chain(environ, whole, sink)
+        # A partial upload is a piece of a file: judged (sniffed, hashed...)
+        # only as part of its final upload; here its bytes are only kept.
+        chain: List[UploadHandler] = [sink] if partial else self._chain(environ, whole, sink)
         progress = self._listener(environ, state, offset)
         ctx = RequestContext(limits=limits, environ=environ, content_length=content_length)
-        pipeline = Pipeline(chain, ctx, progress)
+        # A partial upload's bytes need no head: each goes straight to the sink.
+        pipeline = Pipeline(chain, ctx, progress, head_size=1) if partial else Pipeline(chain, ctx, progress)
         meta = tus.parse_metadata(state.metadata)
         filename = tus.metadata_text(meta, "filename") or tus.metadata_text(meta, "name")
         filetype = tus.metadata_text(meta, "filetype") or tus.metadata_text(meta, "type")
@@ -579,7 +651,7 @@ class TusApp:
             self._keep(state, head)
             raise
         new_offset = area.stored(upload_id) or len(head)
-        if state.length is None or new_offset < state.length:
+        if state.length is None or new_offset < state.length or partial:
             pipeline.close()
             self._keep(state, head)
             return new_offset, None
