@@ -155,3 +155,26 @@ def test_concatenation_of_partial_uploads_in_s3(servers: Tuple[str, str], root: 
     assert moto.sha256(bucket, "media/" + f["key"]) == hashlib.sha256(data).hexdigest() == f["sha256"]
     for url in urls + [r.headers["Location"]]:
         assert _left(s3, upload_id(url)) == ({}, [])
+
+
+def test_expired_uploads_leave_nothing_once_cleanup_ran(servers: Tuple[str, str], s3: Tuple[MotoProcess, str]) -> None:
+    import subprocess
+    import sys
+
+    a, _ = servers
+    moto, bucket = s3
+    url = create(a, 20 * MiB, "s3short")
+    assert patch(url, 0, payload(6 * MiB)).status_code == 204  # one part and a tail
+    objects, pending = _left(s3, upload_id(url))
+    assert objects and pending
+    wait_for(lambda: head(url).status_code == 410, what="expiry")
+    options = moto.options()
+    out = subprocess.run(
+        [sys.executable, "-m", "uploadkit.cli", "cleanup", "--storage", f"s3://{bucket}/media",
+         "--storage-option", f"endpoint_url={options['endpoint_url']}", "--storage-option", "key=testing",
+         "--storage-option", "secret=testing"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "tus-upload" in out.stdout
+    assert _left(s3, upload_id(url)) == ({}, [])
+    assert not [k for k in _objects(s3) if upload_id(url) in k]

@@ -658,6 +658,7 @@ class S3UploadArea(FsspecUploadArea):
     def __init__(self, storage: "Storage", lock_dir: str) -> None:
         super().__init__(storage, lock_dir)
         self.part_size: int = max(S3_MIN_PART, storage.block_size or 0)
+        self._mpus: Dict[str, str] = {}
 
     def _where(self, upload_id: str, suffix: str) -> Dict[str, str]:
         bucket, key, _ = self.fs.split_path(self._p(upload_id, suffix))
@@ -688,10 +689,20 @@ class S3UploadArea(FsspecUploadArea):
         super().create(state)
 
     def _mpu(self, upload_id: str) -> Optional[str]:
+        # An upload's multipart upload id never changes: kept once read. If
+        # another worker completed it meanwhile, S3 says so (NoSuchUpload).
+        mpu = self._mpus.get(upload_id)
+        if mpu is not None:
+            return mpu
         state = self.load(upload_id)
         if state is None or state.extra.get("assembled"):
             return None
-        return state.extra.get("mpu")
+        mpu = state.extra.get("mpu")
+        if mpu is not None:
+            if len(self._mpus) > 1000:
+                self._mpus.clear()
+            self._mpus[upload_id] = mpu
+        return mpu
 
     def _parts(self, upload_id: str, mpu: str) -> List[Dict[str, Any]]:
         parts: List[Dict[str, Any]] = []
@@ -710,8 +721,14 @@ class S3UploadArea(FsspecUploadArea):
             raise StorageUnavailable("the upload's multipart upload is gone")
         parts = self._parts(upload_id, mpu)
         tail = self._tail_key(upload_id, len(parts) + 1)
-        self.fs.invalidate_cache(tail)
-        return mpu, parts, tail if self.fs.exists(tail) else None
+        return mpu, parts, tail if self._size(tail) is not None else None
+
+    def _size(self, path: str) -> Optional[int]:
+        self.fs.invalidate_cache(path)
+        try:
+            return int(self.fs.info(path)["size"])
+        except FileNotFoundError:
+            return None
 
     def stored(self, upload_id: str) -> int:
         mpu = self._mpu(upload_id)
@@ -722,9 +739,7 @@ class S3UploadArea(FsspecUploadArea):
         except FileNotFoundError:  # completed by a request that died before saying so
             return super().stored(upload_id)
         size = sum(int(p["Size"]) for p in parts)
-        if tail:
-            size += int(self.fs.info(tail)["size"])
-        return size
+        return size + ((self._size(tail) or 0) if tail else 0)
 
     def appender(self, upload_id: str, lease: Any) -> Appender:
         return _S3Appender(self, upload_id, lease)
@@ -757,12 +772,14 @@ class S3UploadArea(FsspecUploadArea):
             if tail:
                 self._rm(tail)
         state.extra["assembled"] = True
+        self._mpus.pop(state.id, None)
         self.save(state)
 
     def touch(self, upload_id: str) -> None:
         pass  # finalize made the object
 
     def remove_data(self, upload_id: str) -> None:
+        self._mpus.pop(upload_id, None)
         state = self.load(upload_id)
         mpu = None if state is None or state.extra.get("assembled") else state.extra.get("mpu")
         if mpu:

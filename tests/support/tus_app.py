@@ -17,6 +17,7 @@ other "host").
                   ``$UPLOADKIT_TUS_S3_OPTIONS``, JSON) when set; a silent PATCH loses
                   its lock after 1 s. A PATCH writes its worker's PID to
                   ``<root>/serving-<upload id>`` before its body is read.
+``/s3short/tus/`` the same storage; uploads expire after 3 s.
 ``/pid``          the worker's PID.
 
 Every completed file is described by the app in ``<root>/handed/<upload id>.json``
@@ -127,6 +128,8 @@ if os.environ.get("UPLOADKIT_TUS_S3_URL"):
     APPS["s3"] = _mw("s3", storage=Storage(os.environ["UPLOADKIT_TUS_S3_URL"],
                                            storage_options=json.loads(os.environ["UPLOADKIT_TUS_S3_OPTIONS"])),
                      limits=Limits(max_file_size=64 << 20), lock_timeout=1.0, lock_wait=0.2)
+    APPS["s3short"] = _mw("s3short", storage=APPS["s3"].storage, limits=Limits(max_file_size=64 << 20),
+                          expire_after=3.0)
 
 
 def _mark_serving(path: str) -> None:
