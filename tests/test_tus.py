@@ -696,3 +696,32 @@ def test_bad_concatenations_are_400_and_change_nothing(a: str, root: str) -> Non
         r = requests.post(f"{a}/plain/tus/", headers={**T, "Upload-Concat": value, **extra}, timeout=10)
         assert r.status_code == 400, (value, r.text)
         assert snapshot(root) == before, value
+
+
+def test_a_worker_killed_mid_patch_on_local_disk_resumes_from_what_it_wrote(a: str, b: str, root: str) -> None:
+    import signal
+
+    data = payload(600_000, seed=8)
+    url = create(a, len(data), "stale")
+    uid = upload_id(url)
+    stale = _cut_patch(url, 0, 400_000, data[:300_000], keep_open=True)
+    try:
+        marker = os.path.join(root, f"serving-{uid}")
+        wait_for(lambda: os.path.exists(marker) and int(head(moved(url, b)).headers["Upload-Offset"]) > 0,
+                 what="bytes written by the PATCH")
+        with open(marker) as fh:
+            os.kill(int(fh.read()), signal.SIGKILL)
+    finally:
+        stale.close()
+    stored = os.path.getsize(os.path.join(root, "stale", uid + ".bin"))
+    assert 0 < stored <= 300_000
+    assert head(moved(url, b)).headers["Upload-Offset"] == str(stored)
+    with open(os.path.join(root, "stale", uid + ".bin"), "rb") as fh:
+        assert fh.read() == data[:stored]  # every byte it wrote, nothing else
+    # the dead worker's lease lapses after lock_timeout; tuspy retries the 423 until then
+    resumed = tus_client.TusClient(f"{b}/stale/tus/").uploader(
+        file_stream=io.BytesIO(data), url=moved(url, b), chunk_size=200_000, retries=8, retry_delay=1)
+    assert resumed.offset == stored
+    resumed.upload()
+    [f] = handed(root, url)
+    assert f["sha256"] == f["content_sha256"] == hashlib.sha256(data).hexdigest()

@@ -16,7 +16,7 @@ other "host").
 ``/s3/tus/``      into ``Storage($UPLOADKIT_TUS_S3_URL)`` (options in
                   ``$UPLOADKIT_TUS_S3_OPTIONS``, JSON) when set; a silent PATCH loses
                   its lock after 1 s. A PATCH writes its worker's PID to
-                  ``<root>/serving-<upload id>`` before its body is read.
+                  ``<root>/serving-<upload id>`` before its body is read (also on ``/stale/``).
 ``/s3short/tus/`` the same storage; uploads expire after 3 s.
 ``/pid``          the worker's PID.
 
@@ -143,7 +143,7 @@ def _mark_serving(path: str) -> None:
 
 def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     worker = str(os.getpid())
-    if environ.get("REQUEST_METHOD") == "PATCH" and environ.get("PATH_INFO", "").startswith("/s3/"):
+    if environ.get("REQUEST_METHOD") == "PATCH" and environ.get("PATH_INFO", "").startswith(("/s3/", "/stale/")):
         _mark_serving(environ.get("PATH_INFO", ""))
 
     def start(status: str, headers: List[Any], exc_info: Any = None) -> Any:
