@@ -725,3 +725,21 @@ def test_a_worker_killed_mid_patch_on_local_disk_resumes_from_what_it_wrote(a: s
     resumed.upload()
     [f] = handed(root, url)
     assert f["sha256"] == f["content_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_max_request_size_bounds_one_patch_not_the_upload(tmp_path: Any) -> None:
+    from tests.support.wsgi import serve
+    from uploadkit.limits import Limits
+    from uploadkit.tusapp import TusSettings
+
+    mw, got = _in_process(limits=Limits(max_request_size=10_000),
+                          tus=TusSettings(directory=str(tmp_path / "up")))
+    data = payload(25_000)
+    with serve(mw) as srv:
+        url = create(srv.url, len(data), "upload")
+        r = patch(url, 0, data[:20_000])
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert head(url).headers["Upload-Offset"] == "0"  # refused before a byte, the upload intact
+        for offset in range(0, len(data), 10_000):
+            assert patch(url, offset, data[offset:offset + 10_000]).status_code == 204
+    assert [f.sha256 for f in got] == [hashlib.sha256(data).hexdigest()]

@@ -33,13 +33,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import ClientDisconnected, StorageUnavailable, UploadError, format_size
+from .errors import ClientDisconnected, RequestTooLarge, StorageUnavailable, UploadError, format_size
 from .files import UploadedFile
 from .handlers import HashingHandler, MemoryHandler, TempFileHandler, UploadHandler
 from .limits import Limits
 from .pipeline import Pipeline, RequestContext
 from .progress import NULL_PROGRESS, ProgressListener
-from .reader import _chunks
+from .reader import _chunks, check_length
 from .resumable import BeforeFinish, ResumableSink, UploadArea, UploadState, area_for
 from .sniffing import HEAD_SIZE
 from . import tus
@@ -168,7 +168,7 @@ class _ResumedProgress(ProgressListener):
 
 #: Refusals after which the upload is terminated: the file itself is refused.
 #: Others (a client gone, storage down, a lost lock) keep what was stored.
-_KEEPING = (ClientDisconnected, StorageUnavailable, tus.UploadLocked, tus.UploadTooLarge)
+_KEEPING = (ClientDisconnected, StorageUnavailable, tus.UploadLocked, tus.UploadTooLarge, RequestTooLarge)
 
 
 class TusApp:
@@ -520,6 +520,9 @@ class TusApp:
             from .errors import LengthRequired
 
             raise LengthRequired("the PATCH has no Content-Length; send one or use chunked encoding")
+        # Limits.max_request_size bounds one request: a larger PATCH is refused
+        # before its body is read, and the upload stays as it was.
+        check_length(content_length, bool(environ.get("wsgi.input_terminated")), limits)
         room = None if state.length is None else state.length - current
         if room is not None and content_length is not None and content_length > room:
             raise tus.UploadTooLarge(f"the body of {content_length} bytes runs past Upload-Length"
