@@ -743,3 +743,20 @@ def test_max_request_size_bounds_one_patch_not_the_upload(tmp_path: Any) -> None
         for offset in range(0, len(data), 10_000):
             assert patch(url, offset, data[offset:offset + 10_000]).status_code == 204
     assert [f.sha256 for f in got] == [hashlib.sha256(data).hexdigest()]
+
+
+def test_the_progress_id_sent_on_creation_names_the_progress(tmp_path: Any) -> None:
+    from tests.support.wsgi import serve
+    from uploadkit.progress import MemoryStore
+    from uploadkit.tusapp import TusSettings
+
+    store = MemoryStore()
+    mw, got = _in_process(progress=store, tus=TusSettings(directory=str(tmp_path / "up")))
+    with serve(mw) as srv:
+        url = create(srv.url, 20_000, "upload", **{"X-Progress-ID": "bar-7"})
+        assert patch(url, 0, payload(12_000)).status_code == 204
+        wait_for(lambda: (store.get("bar-7") or {}).get("received") == 12_000, what="progress under bar-7")
+        assert store.get(upload_id(url)) is None
+        assert requests.post(f"{srv.url}/upload/tus/", headers={**T, "Upload-Length": "1",
+                                                                "X-Progress-ID": "no spaces"},
+                             timeout=10).status_code == 400
