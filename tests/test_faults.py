@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -376,7 +377,12 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
     assert cli.main(["cleanup", "--storage", f"s3://{bucket}/uploads", "--older-than", "0s",
                      *cleanup_options(moto_process)]) == 0
     out = capsys.readouterr().out
-    assert f"cleanup: {sum(left)} removed, 0 failed" in out, out
+    # The workers' background retry may still remove some of what was counted
+    # (a multipart upload aborted once S3 answers again) before the command
+    # gets to it: cleanup removes the rest, fails on none, and nothing is left.
+    summary = re.search(r"cleanup: (\d+) removed, (\d+) failed", out)
+    assert summary is not None, out
+    assert int(summary.group(1)) <= sum(left) and summary.group(2) == "0", out
     assert moto_process.keys(bucket, "uploads/.uploadkit-tmp/") == {}
     assert moto_process.pending_uploads(bucket) == []
     check_stored(moto_process, bucket, ok)
