@@ -262,6 +262,57 @@ def build_progress(value: Any) -> Any:
     return value
 
 
+#: TusSettings fields as a flat setting spells them, and how each string is read.
+_TUS_FLOATS = ("expire_after", "lock_timeout", "lock_wait")
+_TUS_IMPORTS = ("authorize", "before_finish")
+
+
+def build_tus(value: Any) -> Any:
+    """A :class:`~uploadkit.tusapp.TusSettings`, ``True``/``"true"`` (the
+    defaults), ``False``/``None``/``"false"`` (no tus), or a dict of its fields
+    as an ini file spells them (``path``, ``max_size = 2 GiB``,
+    ``expire_after = 3600``, ``cors_origins`` space or comma separated,
+    ``authorize``/``before_finish`` dotted paths, ``handoff = false``,
+    ``lock_store = memcached://host:port``).
+
+    :raises ValueError: an unknown field or a value TusSettings refuses.
+    """
+    from ..tusapp import TusSettings
+
+    if value is None or isinstance(value, TusSettings):
+        return value
+    if isinstance(value, (bool, str)):
+        return TusSettings() if parse_bool(value) else None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"tus must be a TusSettings, a boolean or a dict, not {value!r}")
+    known = {f.name for f in dataclasses.fields(TusSettings)}
+    opts: Dict[str, Any] = {}
+    for raw_key, item in value.items():
+        key = raw_key.lower()
+        if key not in known:
+            raise ValueError(f"unknown tus setting {raw_key!r}; known: {sorted(known)}")
+        if isinstance(item, str):
+            text = item.strip()
+            if key == "max_size":
+                item = parse_size(text)
+            elif key in _TUS_FLOATS:
+                item = float(text)
+            elif key == "cors_origins":
+                item = tuple(o for o in re.split(r"[\s,]+", text) if o)
+            elif key in _TUS_IMPORTS:
+                item = import_string(text) if text else None
+            elif key == "handoff":
+                item = parse_bool(text)
+            elif key == "directory":
+                item = None if text.lower() in ("", "none") else text
+            elif key == "lock_store":
+                item = build_progress(text) or None
+            else:
+                item = text
+        opts[key] = item
+    return TusSettings(**opts)
+
+
 def _middleware_params() -> List[str]:
     sig = inspect.signature(UploadMiddleware.__init__)
     return [name for name, p in sig.parameters.items()
@@ -301,6 +352,8 @@ def middleware_options(settings: Mapping[str, Any], *, extra: Iterable[str] = ()
             value = build_thumbnails(value)
         elif key == "progress":
             value = build_progress(value)
+        elif key == "tus":
+            value = build_tus(value)
         elif key == "progress_settings" and isinstance(value, Mapping):
             from ..progress import ProgressSettings
             value = ProgressSettings(**{k.lower(): v for k, v in value.items()})
@@ -336,8 +389,11 @@ def options_from_flat(settings: Mapping[str, Any], prefix: str, *,
             continue
         key = raw_key[len(prefix):].lower()
         head, dot, rest = key.partition(".")
-        if dot and head in ("storage", "thumbnails", "progress_settings", "limits"):
+        if dot and head in ("storage", "thumbnails", "progress_settings", "limits", "tus"):
             groups.setdefault(head, {})[rest] = value
+            continue
+        if key == "tus_path":  # the creation URL, the one tus setting most apps set
+            groups.setdefault("tus", {})["path"] = value
             continue
         if key in _LIMIT_FIELDS:
             limits[key] = value
@@ -360,9 +416,28 @@ def options_from_flat(settings: Mapping[str, Any], prefix: str, *,
         if "storage" in nested:
             opts["url"] = nested["storage"]
         nested["storage"] = opts
+    if "tus" in groups:
+        nested["tus"] = _tus_group(prefix, nested.get("tus"), groups.pop("tus"))
     for name, opts in groups.items():
         nested[name] = opts
     return middleware_options(nested, extra=extra)
+
+
+def _tus_group(prefix: str, base: Any, opts: Dict[str, Any]) -> Any:
+    """``<prefix>tus_path`` and ``<prefix>tus.<field>`` on top of ``<prefix>tus``:
+    they turn tus on, unless ``<prefix>tus`` turns it off."""
+    if base is None or (isinstance(base, (bool, str)) and parse_bool(base)):
+        return opts
+    if isinstance(base, (bool, str)):
+        return None
+    if isinstance(base, Mapping):
+        return {**{k.lower(): v for k, v in base.items()}, **opts}
+    from ..tusapp import TusSettings
+
+    if isinstance(base, TusSettings):
+        parsed = build_tus(opts)  # each string read as its field's type
+        return dataclasses.replace(base, **{k.lower(): getattr(parsed, k.lower()) for k in opts})
+    raise ValueError(f"{prefix}tus is {base!r}; tus.<field> settings cannot be added to it")
 
 
 def _parse_limit(name: str, value: Any) -> Any:
@@ -498,5 +573,5 @@ def charset_of(upload: Any) -> Optional[str]:
 __all__ = [
     "AdapterMiddleware", "ERROR_KEY", "LIMITS_ATTR", "upload_limits", "view_overrides",
     "apply_overrides", "per_view_limits", "middleware_options", "options_from_flat", "parse_size",
-    "parse_bool", "import_string", "stream_upload", "ClosingIterator", "error_from_response",
+    "parse_bool", "import_string", "build_tus", "stream_upload", "ClosingIterator", "error_from_response",
 ]
