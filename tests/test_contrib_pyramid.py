@@ -4,6 +4,8 @@ WSGI server on 127.0.0.1 with requests and curl."""
 from __future__ import annotations
 
 import io
+import json
+import os
 import subprocess
 import warnings
 from typing import Any, Dict, Iterator, List, Tuple
@@ -200,3 +202,151 @@ def test_real_server_with_requests_and_curl(tmp: str, tmp_path: Any) -> None:
         body, _, code = out.stdout.decode().rpartition("\n")
         assert code == "413" and '"file_too_large"' in body
         wait_empty(tmp)
+
+
+# -- tus ---------------------------------------------------------------------------------
+
+def tus_app(tmp: str, tmp_path: Any, view_options: Any = None, **settings: Any) -> Any:
+    """tus at /upload/tus/ from ini-style settings; the view routed at the upload
+    URL (with ``view_options``) gets the finished file and refuses files named
+    ``refuse*`` with 403."""
+    seen: List[Dict[str, Any]] = []
+    base = {"uploadkit.tempdir": tmp, "uploadkit.progress": "memory", "uploadkit.max_file_size": "1 MiB",
+            "uploadkit.storage": f"file://{tmp_path / 'media'}",
+            "uploadkit.tus_path": "/upload/tus/", "uploadkit.tus.expire_after": "600",
+            "uploadkit.tus.cors_origins": "http://allowed.example http://other.example"}
+    base.update(settings)
+
+    def finished(request: Request) -> Any:
+        f = request.POST["file"]
+        assert isinstance(f, UploadKitFieldStorage)
+        seen.append({"upload_id": request.matchdict["upload_id"], "method": request.method,
+                     "filename": f.filename, "length": f.length, "type": f.type,
+                     "sha256": f.uploadkit.sha256, "content_sha256": sha(f.file.read()), "key": f.uploadkit.key})
+        if f.filename.startswith("refuse"):
+            return Response(json_body={"error": {"code": "refused", "message": "not this one"}}, status=403)
+        return {"ok": True}
+
+    with Configurator(settings=base) as config:
+        config.include("uploadkit.contrib.pyramid")
+        config.add_route("tus_done", "/upload/tus/{upload_id}")
+        config.add_view(finished, route_name="tus_done", renderer="json", request_method=("PATCH", "POST"),
+                        **(view_options or {}))
+        return config.make_wsgi_app(), seen
+
+
+def tus_upload(url: str, data: bytes, filename: str, chunk_size: int = 20_000) -> Any:
+    from tusclient import client as tus_client
+
+    up = tus_client.TusClient(url).uploader(file_stream=io.BytesIO(data), chunk_size=chunk_size,
+                                            metadata={"filename": filename}, retries=0)
+    up.upload()
+    return up
+
+
+def area_files(tmp_path: Any) -> List[str]:
+    """Every file under the storage (final keys and the tus area's data); the
+    area's state and lease files, which ``uploadkit cleanup`` reclaims, aside."""
+    root = tmp_path / "media"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and p.suffix not in (".info", ".lock"))
+
+
+def test_a_tus_upload_reaches_the_view_as_a_field_storage(tmp: str, tmp_path: Any) -> None:
+    app, seen = tus_app(tmp, tmp_path)
+    data = b"%PDF-1.4\n" + bytes(range(256)) * 300
+    with serve(app) as server:
+        up = tus_upload(f"{server.url}/upload/tus/", data, "my report.pdf")
+        upload_id = up.url.rpartition("/")[2]
+        progress = requests.get(f"{server.url}/upload/progress", params={"X-Progress-ID": upload_id}, timeout=10)
+        head = requests.head(up.url, headers={"Tus-Resumable": "1.0.0"}, timeout=10)
+        options = requests.options(f"{server.url}/upload/tus/", timeout=10,
+                                   headers={"Origin": "http://other.example",
+                                            "Access-Control-Request-Method": "PATCH"})
+    [f] = seen  # once, on the PATCH that completed the upload
+    assert f["upload_id"] == upload_id and f["method"] == "PATCH"
+    assert f["filename"] == "my report.pdf" and f["type"] == "application/pdf" and f["length"] == len(data)
+    assert f["sha256"] == f["content_sha256"] == sha(data)
+    assert (tmp_path / "media" / f["key"]).read_bytes() == data
+    assert area_files(tmp_path) == [f["key"]]  # the tus area's data became the final key
+    assert progress.json()["state"] == "done" and progress.json()["received"] == len(data)
+    assert head.status_code == 200 and head.headers["Upload-Offset"] == str(len(data))
+    assert options.status_code == 204 and options.headers["Tus-Version"] == "1.0.0"
+    assert options.headers["Access-Control-Allow-Origin"] == "http://other.example"
+
+
+def test_a_view_that_refuses_the_finished_tus_upload_discards_it(tmp: str, tmp_path: Any) -> None:
+    from tusclient.exceptions import TusCommunicationError
+
+    app, seen = tus_app(tmp, tmp_path)
+    data = os.urandom(50_000)
+    with serve(app) as server:
+        with pytest.raises(TusCommunicationError) as refused:
+            tus_upload(f"{server.url}/upload/tus/", data, "refuse-me.bin")
+        [f] = seen
+        url = f"{server.url}/upload/tus/{f['upload_id']}"
+        gone = requests.head(url, headers={"Tus-Resumable": "1.0.0"}, timeout=10)
+    assert refused.value.status_code == 403 and b'"refused"' in refused.value.response_content
+    assert f["sha256"] == sha(data)  # the view saw the whole file before refusing it
+    assert area_files(tmp_path) == []  # no final key, no data left in the tus area
+    assert gone.status_code == 410
+    wait_empty(tmp)
+
+
+def test_a_views_upload_limits_refuse_a_finished_tus_upload(tmp: str, tmp_path: Any) -> None:
+    from tusclient.exceptions import TusCommunicationError
+
+    app, seen = tus_app(tmp, tmp_path, {"upload_limits": {"max_file_size": 100}})
+    with serve(app) as server:
+        with pytest.raises(TusCommunicationError) as refused:
+            tus_upload(f"{server.url}/upload/tus/", b"x" * 150, "big.bin", chunk_size=100)
+        tus_upload(f"{server.url}/upload/tus/", b"y" * 80, "fits.bin", chunk_size=50)
+    assert refused.value.status_code == 413
+    assert json.loads(refused.value.response_content)["error"]["limit"] == 100
+    [ok] = seen  # the refused file never reached the view
+    assert ok["filename"] == "fits.bin" and ok["length"] == 80
+    assert area_files(tmp_path) == [ok["key"]]
+
+
+def test_a_tus_upload_through_the_method_override_and_ini_strings(tmp: str, tmp_path: Any) -> None:
+    app, seen = tus_app(tmp, tmp_path, **{"uploadkit.tus.max_size": "1000"})
+    engine = app.registry["uploadkit"]
+    assert engine.tus_app.settings.expire_after == 600.0
+    assert engine.tus_app.settings.cors_origins == ("http://allowed.example", "http://other.example")
+    t = {"Tus-Resumable": "1.0.0"}
+    data = b"hello, resumable pyramid"
+    with serve(app) as server:
+        too_big = requests.post(f"{server.url}/upload/tus/", headers={**t, "Upload-Length": "1001"}, timeout=10)
+        created = requests.post(f"{server.url}/upload/tus/", timeout=10,
+                                headers={**t, "Upload-Length": str(len(data)), "Upload-Metadata": "filename aGkudHh0"})
+        url = created.headers["Location"]
+        octets = {**t, "Content-Type": "application/offset+octet-stream", "X-HTTP-Method-Override": "PATCH"}
+        first = requests.post(url, data=data[:10], headers={**octets, "Upload-Offset": "0"}, timeout=10)
+        last = requests.post(url, data=data[10:], headers={**octets, "Upload-Offset": "10"}, timeout=10)
+        deleted = requests.delete(url, headers=t, timeout=10)
+    assert too_big.status_code == 413 and too_big.json()["error"]["limit"] == 1000
+    assert created.status_code == 201 and first.status_code == 204
+    assert last.status_code == 204 and last.headers["Upload-Offset"] == str(len(data))
+    [f] = seen
+    assert f["method"] == "POST" and f["filename"] == "hi.txt" and f["sha256"] == sha(data)
+    assert deleted.status_code == 204
+
+
+def deny_all(environ: Dict[str, Any], action: str, upload_id: Any) -> bool:
+    return False
+
+
+def test_tus_settings_from_ini_strings(tmp: str, tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="max_sise"):
+        tus_app(tmp, tmp_path, **{"uploadkit.tus.max_sise": "1"})
+    app, _ = tus_app(tmp, tmp_path, **{"uploadkit.tus.handoff": "false", "uploadkit.tus.lock_wait": "0.5",
+                                       "uploadkit.tus.authorize": "tests.test_contrib_pyramid:deny_all"})
+    settings = app.registry["uploadkit"].tus_app.settings
+    assert settings.path == "/upload/tus/" and settings.handoff is False and settings.lock_wait == 0.5
+    assert settings.authorize is deny_all
+    r = webtest.TestApp(app).post("/upload/tus/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": "5"},
+                                  status=403)
+    assert r.json["error"]["code"] == "forbidden" and r.headers["Tus-Resumable"] == "1.0.0"
+    off, _ = tus_app(tmp, tmp_path, **{"uploadkit.tus": "false"})
+    assert off.registry["uploadkit"].tus_app is None
+    webtest.TestApp(off).options("/upload/tus/", status=404)  # Pyramid's own answer: no tus here

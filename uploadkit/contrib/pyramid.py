@@ -37,6 +37,19 @@ Refusals are raised as their :class:`~uploadkit.errors.UploadError` type, so an
 exception view renders them; the include registers one answering the JSON
 error, which an ``@exception_view_config(UploadError)`` of the app overrides.
 
+Resumable uploads (tus): ``uploadkit.tus_path = /upload/tus/`` turns them on,
+and ``uploadkit.tus.<field>`` sets any other
+:class:`~uploadkit.tusapp.TusSettings` field (``max_size = 2 GiB``,
+``expire_after = 3600``, ``cors_origins`` space or comma separated,
+``authorize``/``before_finish`` as dotted paths, ``handoff = false``,
+``lock_store = memcached://host:port``). A tween serves the tus routes with the
+engine's tus driver, before routing. On the request that completes an upload
+the driver calls the rest of Pyramid: the view routed at
+``<tus_path>{upload_id}`` (for PATCH and POST) finds the file in
+``request.POST[field_name]``, and its error answer discards the file. Such a
+view's ``upload_limits`` can only judge the whole file: ``max_file_size`` and
+``allowed_types`` are checked then, before the view runs.
+
 Caveat: a view *predicate* that reads ``request.POST`` (``request_param=``) runs
 before any view deriver and would make WebOb parse the raw body; do not use
 such predicates on upload routes.
@@ -51,9 +64,11 @@ from pyramid.request import Request
 from pyramid.response import Response
 from webob.multidict import MultiDict
 
-from ..errors import UploadError
+from ..errors import FileTooLarge, UnsupportedType, UploadError, format_size
 from ..files import UploadedFile
+from ..limits import Limits
 from ..middleware import FILES_KEY, FORM_KEY, UploadMiddleware
+from ..tusapp import UPLOAD_ID_KEY
 from . import (ERROR_KEY, ClosingIterator, _limit_overrides, apply_overrides, options_from_flat,
                stream_upload, upload_limits, view_overrides)
 
@@ -150,6 +165,24 @@ def _close_after_response(request: Request, fields: List[UploadKitFieldStorage],
     request.add_finished_callback(on_finished)
 
 
+def _check_finished(request: Request, limits: Limits) -> None:
+    """A tus upload meets its view only once it is whole: the view's own size
+    and type limits are checked then, and a refusal (rendered by the exception
+    view) discards the file.
+
+    :raises FileTooLarge: a file above the view's ``max_file_size``.
+    :raises UnsupportedType: a file whose (sniffed) type the view does not allow.
+    """
+    for upload in request.environ[FILES_KEY].values():
+        if limits.max_file_size is not None and upload.size > limits.max_file_size:
+            raise FileTooLarge(f"file {upload.filename!r} is {format_size(upload.size)}; the limit is"
+                               f" {format_size(limits.max_file_size)}", field=upload.field_name,
+                               limit=limits.max_file_size)
+        if not limits.allows_type(upload.content_type):
+            raise UnsupportedType(f"file {upload.filename!r} is {upload.content_type}, which is not an"
+                                  " allowed type", field=upload.field_name)
+
+
 def upload_view_deriver(view: Callable[..., Any], info: Any) -> Callable[..., Any]:
     """Streams a multipart body with the view's limits before the view runs."""
     option = info.options.get("upload_limits")
@@ -158,6 +191,8 @@ def upload_view_deriver(view: Callable[..., Any], info: Any) -> Callable[..., An
     def uploadkit_view(context: Any, request: Request) -> Any:
         environ = request.environ
         if FILES_KEY in environ or ERROR_KEY in environ:
+            if overrides and UPLOAD_ID_KEY in environ and FILES_KEY in environ:
+                _check_finished(request, apply_overrides(engine_of(request).limits_for(environ), overrides))
             return view(context, request)
         engine = engine_of(request)
         if not engine.intercepts(environ):
@@ -192,6 +227,60 @@ def progress_tween_factory(handler: Callable[[Request], Response], registry: Any
     return uploadkit_progress_tween
 
 
+#: Environ key of the hand-off to the rest of Pyramid, for the tus request in progress.
+_HANDOFF_KEY = "uploadkit.pyramid.handoff"
+
+
+def tus_tween_factory(handler: Callable[[Request], Response], registry: Any) -> Callable[[Request], Response]:
+    """Serves tus (``uploadkit.tus_path``) with the engine's tus driver; other requests pass.
+
+    The driver calls the engine's app on the request that completes an
+    upload: here that app is the rest of Pyramid (routing, views, exception
+    views), reached through ``handler`` with ``request.POST`` filled, so the
+    view routed at ``<tus_path>{upload_id}`` gets the file.
+    """
+    engine: UploadMiddleware = registry[REGISTRY_KEY]
+    tus_app = engine.tus_app
+    if tus_app is None:
+        return handler
+
+    def uploadkit_tus_tween(request: Request) -> Response:
+        if not tus_app.handles(request.environ):
+            return handler(request)
+        request.environ[_HANDOFF_KEY] = lambda: _hand_to_view(handler, request)
+        try:
+            return request.get_response(tus_app)
+        finally:
+            request.environ.pop(_HANDOFF_KEY, None)
+    return uploadkit_tus_tween
+
+
+def _hand_to_view(handler: Callable[[Request], Response], request: Request) -> Response:
+    """The finished file as ``request.POST[field_name]``, then the view. The
+    driver reads the answer whole and closes it, which releases the fields."""
+    fields = _install(request)
+
+    def release() -> None:
+        for f in fields:
+            f.close()
+    try:
+        response = handler(request)
+    except BaseException:
+        release()
+        raise
+    response.app_iter = ClosingIterator(response.app_iter, release)
+    return response
+
+
+def _handoff_app(environ: Dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """The engine's app: the tus driver hands a finished upload to it."""
+    run = environ.pop(_HANDOFF_KEY, None)
+    if run is None:
+        raise RuntimeError("the Pyramid adapter's upload engine calls the app only through its tus tween")
+    response = run()
+    return response(environ, start_response)  # type: ignore[no-any-return]
+
+
 def json_error_view(exc: UploadError, request: Request) -> Response:
     """The default exception view for refusals: uploadkit's JSON error."""
     response = Response(body=exc.to_json(), status=exc.status, content_type="application/json",
@@ -200,15 +289,12 @@ def json_error_view(exc: UploadError, request: Request) -> Response:
     return response
 
 
-def _unused_app(environ: Dict[str, Any], start_response: Any) -> Iterable[bytes]:
-    raise RuntimeError("the Pyramid adapter's upload engine never calls an app")
-
-
 def includeme(config: Configurator) -> None:
-    """Read ``uploadkit.*`` settings; add the view deriver, the progress tween and
-    the JSON exception view for :class:`~uploadkit.errors.UploadError`."""
+    """Read ``uploadkit.*`` settings; add the view deriver, the progress and tus
+    tweens and the JSON exception view for :class:`~uploadkit.errors.UploadError`."""
     options = options_from_flat(config.get_settings() or {}, "uploadkit.")
-    config.registry[REGISTRY_KEY] = UploadMiddleware(_unused_app, **options)
+    config.registry[REGISTRY_KEY] = UploadMiddleware(_handoff_app, **options)
     config.add_view_deriver(upload_view_deriver, "uploadkit_view", under="secured_view", over="csrf_view")
     config.add_tween("uploadkit.contrib.pyramid.progress_tween_factory")
+    config.add_tween("uploadkit.contrib.pyramid.tus_tween_factory")
     config.add_exception_view(json_error_view, context=UploadError)
