@@ -601,7 +601,32 @@ def test_thumbnails_are_made_on_completion_and_stored_beside_the_file(tmp_path: 
     with storage.open(f.key) as fh:
         assert fh.read() == jpeg
     assert set(f.thumbnails) == {"32x32"} and storage.exists(f.thumbnails["32x32"])
-    assert store.get(upload_id(url))["state"] == "done"  # type: ignore[index]
+    wait_for(lambda: (store.get(upload_id(url)) or {}).get("state") == "done", what="progress done")
+
+
+def test_an_upload_the_app_refuses_reads_error_not_done(tmp_path: Any) -> None:
+    from tests.support.wsgi import serve
+    from uploadkit.middleware import UploadMiddleware
+    from uploadkit.progress import MemoryStore
+    from uploadkit.storage import Storage
+    from uploadkit.tusapp import TusSettings
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        start_response("403 Forbidden", [("Content-Type", "application/json")])
+        return [b'{"error": {"code": "refused", "message": "not this one"}}']
+
+    storage = Storage(str(tmp_path / "media"))
+    store = MemoryStore()
+    mw = UploadMiddleware(app, storage=storage, progress=store, tus=TusSettings())
+    with serve(mw) as srv:
+        url = create(srv.url, 3000, "upload", **{"Upload-Metadata": meta(filename="a.txt")})
+        data = payload(3000)
+        assert patch(url, 0, data[:1000]).status_code == 204
+        assert patch(url, 1000, data[1000:]).status_code == 403
+    state = wait_for(lambda: (lambda p: p if p.get("state") in ("done", "error") else None)(
+        store.get(upload_id(url)) or {}), what="a final progress state")
+    assert state["state"] == "error", state
+    assert [k for k in storage.fs.find(str(tmp_path / "media")) if "/.uploadkit-tmp/" not in k] == []
 
 
 def test_quota_counts_the_whole_file_on_completion(tmp_path: Any) -> None:

@@ -142,6 +142,9 @@ class _ResumedProgress(ProgressListener):
         self.inner = inner
         self.offset = offset
         self.length = length
+        # ``done`` waits for the app: on the completing request its error
+        # answer discards the file, and the bar must then read ``error``.
+        self._done: Optional[RequestContext] = None
 
     def start(self, ctx: RequestContext) -> None:
         self.inner.start(replace(ctx, content_length=self.length))
@@ -160,9 +163,16 @@ class _ResumedProgress(ProgressListener):
         self.inner.processing()
 
     def done(self, ctx: RequestContext) -> None:
-        self.inner.done(ctx)
+        self._done = ctx
+
+    def accepted(self) -> None:
+        """The app took the file: report the ``done`` held since the commit."""
+        ctx, self._done = self._done, None
+        if ctx is not None:
+            self.inner.done(ctx)
 
     def error(self, exc: UploadError) -> None:
+        self._done = None
         self.inner.error(exc)
 
 
@@ -705,6 +715,8 @@ class TusApp:
         finally:
             pipeline.close()
         self.area.save(state)
+        if isinstance(pipeline.progress, _ResumedProgress):
+            pipeline.progress.accepted()
         return size, answer
 
     def _hand_over(self, environ: Environ, pipeline: Pipeline) -> Tuple[str, List[Tuple[str, str]], List[bytes]]:
