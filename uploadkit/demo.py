@@ -9,7 +9,8 @@ middleware: stored, hashed, thumbnailed) answers ``{"files": [...]}``;
 ``GET /api/files`` lists this run's files; ``DELETE /api/files/<key>`` removes
 one with its thumbnails; ``GET /media/<key>`` serves stored files (read only);
 ``/upload/progress`` is the middleware's status route, which also serves
-``uploadkit.js``.
+``uploadkit.js``; ``/upload/tus/`` takes resumable (tus 1.0) uploads, which
+the page sends when its "Resumable" box is ticked.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from .limits import Limits
 from .middleware import FILES_KEY, UploadMiddleware
 from .server import make_threaded_server, serve_until_stopped
+from .tusapp import UPLOAD_ID_KEY
 
 Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -68,8 +70,11 @@ class DemoApp:
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                                       ("Content-Length", str(len(body)))])
             return [body]
+        upload_id = None
         if path.startswith(TUS_PREFIX) and environ.get(FILES_KEY) is not None:
             method, path = "POST", "/upload"  # a resumable upload just completed: list it the same way
+            # The tus answer to the last PATCH has no body: the page finds the file by this id.
+            upload_id = environ.get(UPLOAD_ID_KEY)
         if path == "/upload" and method == "POST":
             files = environ.get(FILES_KEY)
             if files is None:
@@ -77,6 +82,9 @@ class DemoApp:
                     "code": "not_multipart", "message": "send the files as multipart/form-data",
                     "field": None, "limit": None}})
             described = [self.describe(f) for f in files.values()]
+            if upload_id:
+                for d in described:
+                    d["upload_id"] = upload_id
             with self.lock:
                 self.items.extend(d for d in described if d["key"] and not any(
                     i["key"] == d["key"] for i in self.items))
@@ -182,6 +190,7 @@ PAGE = r"""<!doctype html>
   #drop.over { border-color:var(--accent); background:#eef3ff; }
   #drop label { color:var(--accent); cursor:pointer; font-weight:600; text-decoration:underline; }
   #drop small { display:block; color:var(--muted); margin-top:6px; }
+  #drop label.toggle { display:block; margin-top:10px; color:var(--fg); font-weight:400; text-decoration:none; font-size:13px; }
   #queue { list-style:none; padding:0; margin:18px 0; }
   #queue li { background:#fff; border:1px solid var(--line); border-radius:10px; padding:10px 14px; margin-bottom:8px; }
   .row { display:flex; justify-content:space-between; align-items:baseline; gap:16px; }
@@ -217,6 +226,8 @@ PAGE = r"""<!doctype html>
       <strong>Drop files here</strong> or <label for="file-input">choose files</label>
       <input id="file-input" type="file" name="file" multiple hidden>
       <small>__LIMITS__ Each file is uploaded on its own, with the server's progress.</small>
+      <label id="resumable-label" class="toggle"><input id="resumable" type="checkbox" data-chunk-size="2097152">
+        Resumable (tus): sent in 2 MiB chunks; a lost connection, or a reload and the same file picked again, goes on where it stopped</label>
     </div>
   </form>
   <ul id="queue" aria-live="polite"></ul>
@@ -281,9 +292,13 @@ PAGE = r"""<!doctype html>
       fill.style.width = shown + "%"; li.dataset.percent = shown; bar.setAttribute("aria-valuenow", shown);
     }
     var data = new FormData(); data.append("file", file, file.name);
-    window.uploadkit.upload(data, {
+    var resumable = document.getElementById("resumable"), tus = resumable.checked;
+    li.dataset.mode = tus ? "tus" : "multipart";
+    window.uploadkit.upload(tus ? file : data, {
       url: "/upload",
       progressUrl: "/upload/progress",
+      tus: tus ? "/upload/tus/" : null,
+      chunkSize: tus ? +resumable.dataset.chunkSize : null,
       onProgress: function (p) {
         li.dataset.state = p.state;
         if (p.state === "uploading" && p.size) {
@@ -293,10 +308,18 @@ PAGE = r"""<!doctype html>
         else if (p.state === "starting") { state.textContent = "starting\u2026"; }
       },
       onDone: function (result) {
-        var files = (result && result.json && result.json.files) || [];
-        li.className = "done"; li.dataset.state = "done"; advance(100);
-        state.textContent = "stored \u00b7 " + human(file.size) + (files.length && files[0].deduplicated ? " \u00b7 already there" : "");
-        addToGallery(files);
+        function show(files) {
+          li.className = "done"; li.dataset.state = "done"; advance(100);
+          state.textContent = "stored \u00b7 " + human(file.size) + (files.length && files[0].deduplicated ? " \u00b7 already there" : "");
+          addToGallery(files);
+        }
+        if (!result.uploads) { show((result && result.json && result.json.files) || []); return; }
+        // tus: the last PATCH's answer has no body; the file list names the upload.
+        var ids = result.uploads.map(function (u) { return u.id; });
+        fetch("/api/files").then(function (r) { return r.json(); }).then(function (j) {
+          var mine = j.files.filter(function (f) { return ids.indexOf(f.upload_id) >= 0; });
+          show(mine.length ? mine : j.files.slice(0, 1));
+        });
       },
       onError: function (err) {
         li.className = "error"; li.dataset.state = "error"; advance(100);
