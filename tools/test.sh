@@ -11,6 +11,7 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 if [ "${UPLOADKIT_NO_BROWSER:-0}" != "1" ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+  command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
@@ -20,5 +21,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+
+if [ "${UPLOADKIT_NO_BROWSER:-0}" != "1" ]; then
+  # The tus browser clients the browser tests drive (tus-js-client, Uppy), as
+  # pinned by tests/js/package-lock.json; Uppy is bundled for a plain <script>.
+  if ! cmp -s tests/js/package-lock.json tests/js/node_modules/.uploadkit-lock; then
+    echo "installing the browser tests' npm packages"
+    npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+    cp tests/js/package-lock.json tests/js/node_modules/.uploadkit-lock
+  fi
+  npm run --silent --prefix tests/js build
+fi
 
 exec python3 -m pytest -p no:cacheprovider "$@"
