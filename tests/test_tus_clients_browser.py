@@ -7,11 +7,17 @@ npm from the committed lock file) and are put into the demo page by the test:
 nothing is loaded from a CDN. Each finished file is checked byte for byte in
 the demo's storage; the uploads that lose their connection go through a
 loopback proxy that cuts one PATCH body partway.
+
+Last, ``uploadkit.js``'s own tus client against a server whose silent PATCHes
+lose their lock after 3 s (gunicorn, the tus test app's ``/stale/`` endpoint):
+its PATCH is cut with the server's side left open, so the server still holds
+the upload for it, and the script waits the 423s out until the lock is freed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from typing import Any, Dict, Iterator, List
@@ -21,6 +27,7 @@ import requests
 
 from tests.support.browser import REPO_ROOT, Command, chromium, page, python_command  # noqa: F401
 from tests.support.cutproxy import CutProxy, Request
+from tests.support.wsgi import gunicorn
 
 MiB = 1 << 20
 JS = os.path.join(REPO_ROOT, "tests", "js")
@@ -75,8 +82,8 @@ def _stored(demo: Any, upload_url: str) -> Dict[str, Any]:
 
 
 def _open(page: Any, url: str, script: str, *paths: str) -> None:
-    """The demo page with a client script added and ``paths`` in a file input (#probe)."""
-    page.goto(url + "/")
+    """The page at ``url`` with a client script added and ``paths`` in a file input (#probe)."""
+    page.goto(url)
     page.add_script_tag(path=script)
     page.evaluate("() => { const i = document.createElement('input'); i.type = 'file'; i.id = 'probe';"
                   " i.multiple = true; document.body.appendChild(i); }")
@@ -89,7 +96,7 @@ def _log(page: Any) -> List[Dict[str, Any]]:
     page.on("response", lambda r: answers.append({
         "method": r.request.method, "status": r.status, "offset": r.headers.get("upload-offset"),
         "sent_offset": r.request.headers.get("upload-offset"), "concat": r.request.headers.get("upload-concat"),
-        "url": r.url}) if "/upload/tus/" in r.url else None)
+        "url": r.url}) if "/tus/" in r.url else None)
     return answers
 
 
@@ -123,7 +130,7 @@ def test_tus_js_client_uploads_in_chunks(demo: Any, page: Any, scripts: Dict[str
                                          tmp_path: Any) -> None:
     path = _file(tmp_path, "plain.bin", 3 * MiB + 12345)
     answers = _log(page)
-    _open(page, demo.url, scripts["tus"], path)
+    _open(page, demo.url + "/", scripts["tus"], path)
     url = page.evaluate(TUS_UPLOAD, {"n": 0, "options": {"chunkSize": MiB}, "pauseAt": 0})
     stored = _stored(demo, url)
     assert stored["stored_sha256"] == stored["sha256"] == _sha256_of(path)
@@ -138,7 +145,7 @@ def test_tus_js_client_pauses_and_resumes(demo: Any, page: Any, scripts: Dict[st
                                           tmp_path: Any) -> None:
     path = _file(tmp_path, "paused.bin", 6 * MiB)
     answers = _log(page)
-    _open(page, demo.url, scripts["tus"], path)
+    _open(page, demo.url + "/", scripts["tus"], path)
     cdp = page.context.new_cdp_session(page)
     cdp.send("Network.enable")
     cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
@@ -171,7 +178,7 @@ def test_tus_js_client_survives_a_dropped_connection(demo: Any, page: Any, scrip
 
     answers = _log(page)
     with CutProxy(demo.port, cut=cut_second_patch) as proxy:
-        _open(page, proxy.url, scripts["tus"], path)
+        _open(page, proxy.url + "/", scripts["tus"], path)
         url = page.evaluate(TUS_UPLOAD, {"n": 0, "options": {"chunkSize": MiB}, "pauseAt": 0})
         cut = [r for r in proxy.requests if r.cut is not None]
     assert len(cut) == 1 and cut[0].header("Upload-Offset") == str(MiB), proxy.requests
@@ -185,7 +192,7 @@ def test_tus_js_client_parallel_uploads_are_concatenated(demo: Any, page: Any,  
                                                          scripts: Dict[str, str], tmp_path: Any) -> None:
     path = _file(tmp_path, "parallel.bin", 5 * MiB + 7)
     answers = _log(page)
-    _open(page, demo.url, scripts["tus"], path)
+    _open(page, demo.url + "/", scripts["tus"], path)
     url = page.evaluate(TUS_UPLOAD, {"n": 0, "options": {"parallelUploads": 3}, "pauseAt": 0})
     posts = [a for a in answers if a["method"] == "POST"]
     assert [a["concat"] for a in posts[:3]] == ["partial"] * 3, posts
@@ -211,7 +218,7 @@ UPPY_UPLOAD = """async ({options}) => {
 
 def test_uppy_uploads_several_files(demo: Any, page: Any, scripts: Dict[str, str], tmp_path: Any) -> None:  # noqa: F811
     paths = [_file(tmp_path, "uppy-one.bin", 2 * MiB + 1), _file(tmp_path, "uppy-two.bin", 700_000)]
-    _open(page, demo.url, scripts["uppy"], *paths)
+    _open(page, demo.url + "/", scripts["uppy"], *paths)
     result = page.evaluate(UPPY_UPLOAD, {"options": {"chunkSize": MiB}})
     assert result["failed"] == [] and len(result["ok"]) == 2, result
     for name, url in result["ok"]:
@@ -230,7 +237,7 @@ def test_uppy_survives_a_dropped_connection_and_uploads_in_parallel(
 
     answers = _log(page)
     with CutProxy(demo.port, cut=cut_second_patch) as proxy:
-        _open(page, proxy.url, scripts["uppy"], path)
+        _open(page, proxy.url + "/", scripts["uppy"], path)
         result = page.evaluate(UPPY_UPLOAD, {"options": {"chunkSize": 512 * 1024, "parallelUploads": 2}})
         cut = [r for r in proxy.requests if r.cut is not None]
     assert result["failed"] == [] and len(result["ok"]) == 1, result
@@ -240,4 +247,40 @@ def test_uppy_survives_a_dropped_connection_and_uploads_in_parallel(
     assert any(a["method"] == "HEAD" for a in answers), answers
     stored = _stored(demo, result["ok"][0][1].replace(proxy.url, demo.url))
     assert stored["stored_sha256"] == _sha256_of(path)
+    assert page.js_errors == []
+
+
+UPLOADKIT_UPLOAD = """async ({endpoint, chunk}) => await new Promise((resolve, reject) => {
+  uploadkit.upload(document.getElementById('probe').files[0], {
+    tus: endpoint, chunkSize: chunk, retryDelays: [0, 200, 400], progress: false,
+    onDone: (r) => resolve(r.uploads[0].url), onError: (e) => reject(new Error(e.message)),
+  });
+})"""
+
+
+def test_uploadkit_js_waits_out_the_lock_of_its_own_silent_patch(page: Any, tmp_path: Any) -> None:  # noqa: F811
+    root = str(tmp_path / "tus")
+    os.makedirs(root)
+    path = _file(tmp_path, "stalled.bin", MiB)
+
+    def stall_second_patch(req: Request) -> Any:
+        return 100_000 if (req.method, req.number) == ("PATCH", 2) else None
+
+    answers = _log(page)
+    env = {"UPLOADKIT_TUS_ROOT": root, "PYTHONPATH": REPO_ROOT}
+    with gunicorn("tests.support.tus_app:app", env=env, workers=2) as base, \
+            CutProxy(int(base.rsplit(":", 1)[1]), cut=stall_second_patch, stall=True) as proxy:
+        page.route(proxy.url + "/page", lambda route: route.fulfill(
+            status=200, content_type="text/html", body="<!doctype html><title>stalled</title>"))
+        _open(page, proxy.url + "/page", os.path.join(REPO_ROOT, "uploadkit", "static", "uploadkit.js"), path)
+        url = page.evaluate(UPLOADKIT_UPLOAD, {"endpoint": "/stale/tus/", "chunk": 512 * 1024})
+        stalled = [r for r in proxy.requests if r.cut is not None]
+    assert len(stalled) == 1, proxy.requests
+    statuses = [(a["method"], a["status"]) for a in answers]
+    # Locked for longer than the retry delays last (0.6 s): waited out, not given up.
+    assert ("PATCH", 423) in statuses, statuses
+    assert statuses[-1] == ("PATCH", 204) and answers[-1]["offset"] == str(MiB), answers
+    with open(os.path.join(root, "handed", url.rstrip("/").rpartition("/")[2] + ".json")) as f:
+        handed = json.load(f)
+    assert handed[0]["content_sha256"] == _sha256_of(path)
     assert page.js_errors == []

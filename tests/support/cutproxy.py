@@ -6,7 +6,9 @@ line, headers, a ``Content-Length`` body), logs it, and forwards it; for the
 request :attr:`CutProxy.cut` picks, it forwards only the first ``n`` bytes of
 the body, then resets the browser's connection and closes the server's (the
 server sees a body shorter than its Content-Length, as from a dropped network).
-Answers flow back untouched. One request is cut at most.
+Answers flow back untouched. One request is cut at most. With ``stall=True``
+the server's side is left open and silent instead, as when a client's network
+goes away without a word (the server's read waits for bytes that never come).
 
     cut_second_patch = lambda req: 700_000 if (req.method, req.number) == ("PATCH", 2) else None
     with CutProxy(port, cut=cut_second_patch) as proxy:
@@ -42,6 +44,7 @@ class CutProxy:
     target_port: int
     cut: Callable[[Request], Optional[int]] = lambda req: None
     requests: List[Request] = field(default_factory=list)
+    stall: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -138,7 +141,8 @@ class CutProxy:
                         # The browser's side: a reset, as a network that drops does.
                         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                         client.close()
-                        _close(upstream)
+                        if not self.stall:
+                            _close(upstream)
                         return
                     upstream.sendall(piece)
                     sent += len(piece)
