@@ -19,7 +19,13 @@ upload's data):
   the app gets the file in ``environ["uploadkit.files"]``, and an error
   answer from the app discards it.
 
-Nothing is kept in a worker's memory between requests (see
+The replay is skipped in the common case: with the default chain (sniffing
+and hashing), each worker keeps the hash objects of the uploads it serves in
+memory, and PATCHes hash their bytes as they go by; the completing PATCH
+finishes the digests when its worker holds them for exactly the stored
+prefix (:mod:`uploadkit.resumecache`), and replays otherwise.
+
+Nothing a request needs is kept only in a worker's memory (see
 :mod:`uploadkit.resumable`), so any worker can serve any request.
 """
 
@@ -41,6 +47,7 @@ from .pipeline import Pipeline, RequestContext
 from .progress import NULL_PROGRESS, ProgressListener
 from .reader import _chunks, check_length
 from .resumable import BeforeFinish, ResumableSink, UploadArea, UploadState, area_for
+from .resumecache import Resume, StateCache, plan
 from .sniffing import HEAD_SIZE
 from . import tus
 
@@ -88,6 +95,10 @@ class TusSettings:
     :param lock_store: a :class:`~uploadkit.progress.MemcachedStore` to keep
         the uploads' leases in, for several hosts sharing one storage
         (default: lease files, which serialize the workers of one host).
+    :param state_cache: how many uploads' hash state each worker keeps in
+        memory, so the PATCH that completes an upload whose earlier PATCHes
+        this worker served skips the replay (see :mod:`uploadkit.resumecache`);
+        0: every completion replays.
     """
 
     path: str = "/upload/tus/"
@@ -102,6 +113,7 @@ class TusSettings:
     handoff: bool = True
     field_name: str = "file"
     lock_store: Any = None
+    state_cache: int = 64  # a few hundred bytes each; a worker rarely serves more at once
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -113,6 +125,8 @@ class TusSettings:
         for name in ("expire_after", "lock_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TusSettings.{name} must be positive")
+        if self.state_cache < 0:
+            raise ValueError("TusSettings.state_cache must be >= 0")
         if isinstance(self.cors_origins, str):
             raise ValueError("TusSettings.cors_origins must be a list of origins, not one string")
 
@@ -193,6 +207,7 @@ class TusApp:
             raise ValueError("tus uploads store originals as sent: a Thumbnailer with strip_gps or"
                              " max_original cannot serve them")
         self.area: UploadArea = area_for(middleware.storage, settings.directory, middleware.tempdir)
+        self.states = StateCache(settings.state_cache)
 
     def handles(self, environ: Environ) -> bool:
         path = str(environ.get("PATH_INFO", ""))
@@ -560,15 +575,25 @@ class TusApp:
             if side is not None:
                 side.close()
 
-    def _chain(self, environ: Environ, whole: bool, sink: ResumableSink) -> List[UploadHandler]:
-        """The middleware's chain for this request, its sinks replaced by ``sink``.
+    def _chain(self, environ: Environ, whole: bool, sink: ResumableSink, stored: int
+               ) -> Tuple[List[UploadHandler], Optional[Resume]]:
+        """The middleware's chain for this request, its sinks replaced by
+        ``sink``, and the :class:`~uploadkit.resumecache.Resume` when this
+        worker carries the chain's state for the first ``stored`` bytes.
 
-        An incomplete PATCH leaves out the handlers that need the whole file
-        (hashing; thumbnails, which also spool it): they run on completion.
+        Else an incomplete PATCH leaves out the handlers that need the whole
+        file (hashing; thumbnails, which also spool it): they run on completion.
         """
         from .storage import StorageHandler
 
         skipped: Tuple[type, ...] = (MemoryHandler, TempFileHandler, StorageHandler)
+        resume = plan([h for h in self.mw.handlers_for(environ) if not isinstance(h, skipped)], self.states,
+                      sink.upload_id, stored)
+        if resume is not None:
+            chain = resume.chain
+            if whole and self.settings.before_finish is not None:
+                chain.append(BeforeFinish(self.settings.before_finish))
+            return chain + [sink], resume
         if not whole:
             skipped += (HashingHandler,)
             try:
@@ -580,7 +605,7 @@ class TusApp:
         if whole and self.settings.before_finish is not None:
             chain.append(BeforeFinish(self.settings.before_finish))
         chain.append(sink)
-        return chain
+        return chain, None
 
     def _listener(self, environ: Environ, state: UploadState, offset: int) -> ProgressListener:
         store = self.mw.progress_store
@@ -604,10 +629,12 @@ class TusApp:
         partial = state.extra.get("concat") == "partial"
         whole = not partial and (replay or (area.replayable and state.length is not None
                                             and content_length is not None and offset + content_length == state.length))
-        sink = ResumableSink(area, upload_id, lease, skip=stored if whole else 0)
+        sink = ResumableSink(area, upload_id, lease)
         # A partial upload is a piece of a file: judged (sniffed, hashed...)
         # only as part of its final upload; here its bytes are only kept.
-        chain: List[UploadHandler] = [sink] if partial else self._chain(environ, whole, sink)
+        chain, resume = ([sink], None) if partial else self._chain(environ, whole, sink, stored)
+        replaying = whole and resume is None  # the stored bytes go through the chain again
+        sink.skip = stored if replaying else 0
         progress = self._listener(environ, state, offset)
         ctx = RequestContext(limits=limits, environ=environ, content_length=content_length)
         # A partial upload's bytes need no head: each goes straight to the sink.
@@ -624,7 +651,7 @@ class TusApp:
         received = 0
         try:
             pipeline.start()
-            if whole or not stored:
+            if replaying or not stored:
                 pipeline.start_file(self.settings.field_name, filename, filetype)
                 if stored:
                     for block in area.read(upload_id, stored):  # replayed; the sink skips them
@@ -643,6 +670,8 @@ class TusApp:
         except _KEEPING as exc:
             try:
                 sink.end_writes()
+                if resume is not None and isinstance(exc, ClientDisconnected):
+                    resume.keep(self.states, upload_id, sink.appended, area.stored(upload_id))
             except UploadError:
                 pass
             pipeline.close()
@@ -664,6 +693,8 @@ class TusApp:
             self._keep(state, head)
             raise
         new_offset = area.stored(upload_id) or len(head)
+        if resume is not None and not whole:
+            resume.keep(self.states, upload_id, sink.appended, new_offset)
         if state.length is None or new_offset < state.length or partial:
             pipeline.close()
             self._keep(state, head)
