@@ -88,6 +88,8 @@ class Server:
         self.log_path = os.path.join(workdir, f"gunicorn-{app.key}.log")
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.port = 0
+        #: gunicorn's worker options (the tus benchmark runs gthread).
+        self.worker_args = ["--workers", "1", "--worker-class", "sync"]
 
     def start(self, timeout: float = 60.0) -> None:
         os.makedirs(self.tmpdir, exist_ok=True)
@@ -104,7 +106,7 @@ class Server:
                        DJANGO_SETTINGS_MODULE="benchmarks.apps.django_project.settings",
                        PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
             env[TMPDIR_ENV] = app_tmpdir
-            cmd = [sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "sync",
+            cmd = [sys.executable, "-m", "gunicorn", *self.worker_args,
                    "--bind", f"fd://{fd}", "--timeout", "300", "--graceful-timeout", "5",
                    "--log-level", "warning", "--chdir", REPO_ROOT, self.app.target]
             with open(self.log_path, "wb") as logf:
