@@ -10,9 +10,14 @@ the uploads it served, keyed by upload id and by the offset they have
 hashed up to, in a small bounded cache:
 
 * a PATCH that starts where its worker's cached hashes end continues them;
-  if it starts at 0 it begins them. It hashes its bytes as they go by (on
-  the hash worker thread, as a multipart file is hashed) and, if every byte
-  it hashed is exactly what it stored, caches the hashes at the new offset;
+  if it starts at 0 it begins them. It hashes its bytes as they go by and,
+  if every byte it hashed is exactly what it stored, caches the hashes at
+  the new offset. A PATCH that leaves the file unfinished hashes on its own
+  thread: behind gunicorn, 256 MiB in 8 MiB PATCHes cost the worker about
+  17% more CPU than the replay when each PATCH handed its bytes to a hash
+  thread and waited for it at its end, and 9% less hashed inline
+  (benchmarks/bench_tus.py); the PATCH that completes the file hashes as
+  the chain's hashing handler would (on a second core past its threshold);
 * the completing PATCH, finding hashes for exactly the stored prefix,
   skips the replay: its own bytes finish the digests;
 * in every other case (the previous PATCH went to another worker or another
@@ -88,11 +93,11 @@ class CarriedHashing(HashingHandler):
     """A :class:`~uploadkit.handlers.HashingHandler` that continues hash
     objects of the upload's earlier bytes (or starts fresh ones), counts what
     it hashed, and hands its objects back at the end of a PATCH that leaves
-    the file unfinished."""
+    the file unfinished. ``inline``: never hand chunks to the hash thread."""
 
-    def __init__(self, like: HashingHandler, hashers: Optional[List[Any]]) -> None:
-        super().__init__(sync=like.sync, offload_after=like.offload_after, batch_size=like.batch_size,
-                         queue_depth=like.queue_depth)
+    def __init__(self, like: HashingHandler, hashers: Optional[List[Any]], inline: bool = False) -> None:
+        super().__init__(sync=like.sync, offload_after=1 << 62 if inline else like.offload_after,
+                         batch_size=like.batch_size, queue_depth=like.queue_depth)
         self.algorithms = list(like.algorithms)
         self.carried = hashers
         self.started = False
@@ -147,10 +152,12 @@ class Resume:
             cache.put(upload_id, stored, hashing.algorithms, hashers)
 
 
-def plan(chain: Sequence[UploadHandler], cache: StateCache, upload_id: str, stored: int) -> Optional[Resume]:
+def plan(chain: Sequence[UploadHandler], cache: StateCache, upload_id: str, stored: int,
+         whole: bool) -> Optional[Resume]:
     """The chain that continues ``upload_id`` at ``stored`` without a replay,
     or None: the chain has handlers whose state cannot be carried, or this
-    worker does not hold hashes of exactly the first ``stored`` bytes."""
+    worker does not hold hashes of exactly the first ``stored`` bytes.
+    ``whole``: this request completes the file."""
     if not cache.size or any(type(h) not in (SniffingHandler, HashingHandler) for h in chain):
         return None
     hashing = [h for h in chain if type(h) is HashingHandler]
@@ -162,7 +169,7 @@ def plan(chain: Sequence[UploadHandler], cache: StateCache, upload_id: str, stor
     hashers = cache.take(upload_id, stored, base.algorithms) if stored else None
     if stored and hashers is None:
         return None
-    carried = CarriedHashing(base, hashers)
+    carried = CarriedHashing(base, hashers, inline=not whole)
     return Resume([carried if h is base else h for h in chain], carried, stored)
 
 

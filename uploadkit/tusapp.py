@@ -588,7 +588,7 @@ class TusApp:
 
         skipped: Tuple[type, ...] = (MemoryHandler, TempFileHandler, StorageHandler)
         resume = plan([h for h in self.mw.handlers_for(environ) if not isinstance(h, skipped)], self.states,
-                      sink.upload_id, stored)
+                      sink.upload_id, stored, whole)
         if resume is not None:
             chain = resume.chain
             if whole and self.settings.before_finish is not None:
