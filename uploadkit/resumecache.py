@@ -12,11 +12,11 @@ hashed up to, in a small bounded cache:
 * a PATCH that starts where its worker's cached hashes end continues them;
   if it starts at 0 it begins them. It hashes its bytes as they go by and,
   if every byte it hashed is exactly what it stored, caches the hashes at
-  the new offset. A PATCH that leaves the file unfinished hashes on its own
-  thread: behind gunicorn, 256 MiB in 8 MiB PATCHes cost the worker about
-  17% more CPU than the replay when each PATCH handed its bytes to a hash
-  thread and waited for it at its end, and 9% less hashed inline
-  (benchmarks/bench_tus.py); the PATCH that completes the file hashes as
+  the new offset. A PATCH that leaves the file unfinished hashes inline, on
+  the thread that receives it: behind gunicorn, 256 MiB in 8 MiB PATCHes
+  cost the worker about 17% more CPU than the replay when each PATCH handed
+  its bytes to a hash thread and waited for it at its end, and 9% less
+  hashed inline (benchmarks/bench_tus.py); the PATCH that completes the file hashes as
   the chain's hashing handler would (on a second core past its threshold);
 * the completing PATCH, finding hashes for exactly the stored prefix,
   skips the replay: its own bytes finish the digests;
