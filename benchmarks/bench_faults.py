@@ -61,9 +61,6 @@ from .bench_load import ms, pct
 KiB = 1024
 MiB = 1024 * 1024
 
-#: Outcomes after which a client tries once more: the fault is over by then, or soon.
-RETRYABLE = ("503", "4xx 408", "dropped (killed worker)", "dropped")
-
 
 @dataclass
 class Attempt:
@@ -79,11 +76,14 @@ class Attempt:
     key: Optional[str] = None
     answered_sha256: Optional[str] = None
     seconds: float = 0.0
+    #: When it ended, in seconds since the run began.
+    ended_at: float = 0.0
 
 
 @dataclass
 class Fault:
     name: str
+    short: str
     start: float = 0.0
     end: float = 0.0
     detail: str = ""
@@ -158,10 +158,17 @@ def _record_answer(a: Attempt, status: int, raw: bytes) -> None:
             a.key, a.answered_sha256 = str(info["key"]), str(info["sha256"])
         except (ValueError, KeyError, IndexError, TypeError):
             a.outcome = "2xx without a key"
-    elif status == 503:
-        a.outcome = "503"
     else:
-        a.outcome = f"{status // 100}xx {status}"
+        try:
+            code = str(json.loads(raw)["error"]["code"])
+        except (ValueError, KeyError, TypeError):
+            code = "no JSON error"
+        a.outcome = f"{status} {code}"
+
+
+def _retryable(a: Attempt) -> bool:
+    """Refused by a fault that is over by then, or soon: a 503, a 408, a dropped connection."""
+    return a.status in (503, 408) or a.outcome.startswith("dropped")
 
 
 def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_timeout: float,
@@ -205,8 +212,13 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
         finally:
             active.discard(a.progress_id)
             a.seconds = time.perf_counter() - t0
-        if a.outcome == "dropped" and _served_by(cluster.statedir, a.progress_id) in killed:
-            a.outcome = "dropped (killed worker)"
+            a.ended_at = now()
+        if a.outcome == "dropped":
+            served = _served_by(cluster.statedir, a.progress_id)
+            if served is None:  # accepted by a worker that never began it: the killed one's queue
+                a.outcome = "dropped (not yet served)"
+            elif served in killed:
+                a.outcome = "dropped (killed worker)"
         with lock:
             attempts.append(a)
         return a
@@ -214,7 +226,7 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
     def client() -> None:
         while not stop_sending.is_set():
             index = next(counter)
-            if attempt(index, False).outcome in RETRYABLE:
+            if _retryable(attempt(index, False)):
                 time.sleep(0.2)
                 attempt(index, True)
 
@@ -225,7 +237,7 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
 
     def kill_worker() -> Fault:
         """An upload of our own, sent in part, whose worker is killed while it reads."""
-        f = Fault("worker SIGKILLed mid-upload", now())
+        f = Fault("worker SIGKILLed mid-upload", "worker kill", now())
         index = 10_000_000 + next(counter)
         body, ctype, digest = build_body(plan.victim_size, seed0 + index)
         a = Attempt(index, f"w{workers}-victim", plan.victim_size, digest)
@@ -244,6 +256,7 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
                 pass
             raw = _read_all(s)
         a.seconds = time.perf_counter() - t0
+        a.ended_at = now()
         if raw:
             from tests.support.cluster import parse_response
 
@@ -253,14 +266,14 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
             a.outcome = "dropped (killed worker)"
         with lock:
             attempts.append(a)
-        if a.outcome in RETRYABLE:
+        if _retryable(a):
             attempt(index, True)
         f.end = now()
         f.detail = f"worker {pid} killed while reading a {plan.victim_size // MiB} MiB upload"
         return f
 
     def memcached_outage() -> Fault:
-        f = Fault("memcached SIGKILLed, restarted on its port", now())
+        f = Fault("memcached SIGKILLed, restarted on its port", "memcached", now())
         pid = memcached.proc.pid
         memcached.stop()  # SIGKILL to its PID
         time.sleep(plan.memcached_down)
@@ -270,7 +283,7 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
         return f
 
     def s3_outage() -> Fault:
-        f = Fault("S3 outage (connections reset)", now())
+        f = Fault("S3 outage (connections reset)", "S3 cut", now())
         proxy.cut()
         time.sleep(plan.s3_down)
         proxy.restore()
@@ -279,7 +292,7 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
         return f
 
     def slowloris() -> Fault:
-        f = Fault(f"{plan.slowloris} slowloris clients", now())
+        f = Fault(f"{plan.slowloris} slowloris clients", "slowloris", now())
 
         def one(n: int) -> None:
             body, ctype, _ = build_body(256 * KiB, seed0 + 20_000_000 + n)
@@ -293,7 +306,13 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
                     raw = _read_all(s)
                 from tests.support.cluster import parse_response
 
-                ended = f"{parse_response(raw)[0]}" if raw else "dropped"
+                if raw:
+                    seen = Attempt(n, pid, 0, "")
+                    status, _, rest = parse_response(raw)
+                    _record_answer(seen, status, rest)
+                    ended = seen.outcome
+                else:
+                    ended = "dropped"
             except OSError as exc:
                 ended = _ended(exc)
             with lock:
@@ -315,7 +334,7 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
 
     def blackhole() -> Fault:
         """The S3 blackhole: where the proxy can drop packets without closing."""
-        f = Fault("S3 blackhole (nothing forwarded, nothing closed)", now())
+        f = Fault("S3 blackhole (nothing forwarded, nothing closed)", "S3 blackhole", now())
         hole: Optional[Callable[[], None]] = getattr(proxy, "blackhole", None)
         heal: Optional[Callable[[], None]] = getattr(proxy, "heal", None)
         if hole is None or heal is None:
@@ -380,6 +399,15 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
                 lost.append(key)
             elif final[key] != a.size or a.answered_sha256 != a.sha256 or moto.sha256(bucket, key) != a.sha256:
                 corrupted.append(key)
+        # Whose bytes each orphan holds, and how that request ended.
+        by_digest: Dict[str, List[Attempt]] = {}
+        for a in attempts:
+            by_digest.setdefault(a.sha256, []).append(a)
+        for n, key in enumerate(orphans):
+            whose = by_digest.get(moto.sha256(bucket, key), [])
+            orphans[n] = key + (" (" + "; ".join(f"{a.progress_id}: {a.outcome} at {a.ended_at:.1f} s, "
+                                                 f"during {_during(a, faults)}" for a in whose) + ")"
+                                if whose else " (bytes of no request of the run)")
         duplicates = len([a for a in attempts if a.outcome == "2xx"]) - len(acked)
         lost += [f"(a key answered twice) x {duplicates}"] if duplicates else []
         leftovers = {"temp keys": len(keys) - len(final), "multipart uploads": len(moto.pending_uploads(bucket)),
@@ -420,6 +448,19 @@ def _cleanup(moto: Any, bucket: str, tempdir: str) -> str:
     if rc != 0 or not summary:
         raise RuntimeError(f"uploadkit cleanup failed ({rc}): {out.getvalue()[-500:]}")
     return summary[-1].split("(")[0].strip().removeprefix("cleanup: ").rstrip(",")
+
+
+#: Seconds after a fault ends within which a refusal is still put down to it:
+#: s3fs retries a failed call for about 2 s, and a read deadline runs out late.
+AFTERMATH = 4.0
+
+
+def _during(a: Attempt, faults: List[Fault]) -> str:
+    """The first fault an attempt that did not succeed ended in (or just after)."""
+    for f in faults:
+        if f.injected and f.start <= a.ended_at <= f.end + AFTERMATH:
+            return f.short
+    return "none"
 
 
 def _plan(quick: bool, duration: Optional[float]) -> Plan:
@@ -507,11 +548,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         for o in outcomes:
             first = sum(1 for a in r.attempts if a.outcome == o and not a.retry)
             again = sum(1 for a in r.attempts if a.outcome == o and a.retry)
+            faults: Dict[str, int] = {}
+            for a in r.attempts:
+                if a.outcome == o and o != "2xx":
+                    faults[_during(a, r.faults)] = faults.get(_during(a, r.faults), 0) + 1
             if first or again:
-                end_rows.append([r.workers, o, first, again])
+                end_rows.append([r.workers, o, first, again,
+                                 ", ".join(f"{k} {v}" for k, v in faults.items()) or "-"])
         for ended in sorted({e for e, _ in r.slowloris}):
-            end_rows.append([r.workers, f"slowloris: {ended}", sum(1 for e, _ in r.slowloris if e == ended), "-"])
-    print(md_table(["workers", "ended", "first attempts", "retries"], end_rows, align="rlrr"))
+            end_rows.append([r.workers, f"slowloris: {ended}", sum(1 for e, _ in r.slowloris if e == ended), "-",
+                             "slowloris"])
+    print(md_table(["workers", "ended", "first attempts", "retries", "during (or up to 4 s after)"], end_rows,
+                   align="rlrrl"))
     print()
     print("### What S3 holds\n")
     print("Read from moto directly: every upload answered 2xx, its object's sha256 against the bytes its "
