@@ -116,6 +116,8 @@ class FaultRun:
     lost: List[str]
     corrupted: List[str]
     orphans: List[str]
+    #: Orphans holding the bytes of an upload the killed worker was serving.
+    unanswered: int
     orphan_wait: float
     leftovers: Dict[str, int]
     cleanup: str
@@ -384,12 +386,21 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
         # What S3 holds, from moto directly. The reaper removes in the
         # background what refused uploads left under final keys.
         acked = {f"uploads/{a.key}": a for a in attempts if a.outcome == "2xx"}
+        by_digest: Dict[str, List[Attempt]] = {}
+        for a in attempts:
+            by_digest.setdefault(a.sha256, []).append(a)
+        whose: Dict[str, List[Attempt]] = {}
         t0 = time.monotonic()
         while True:
             keys = moto.keys(bucket, "uploads/")
             final = {k: v for k, v in keys.items() if "/.uploadkit-tmp/" not in k}
             orphans = sorted(set(final) - set(acked))
-            if not orphans or time.monotonic() - t0 > 30:
+            for key in orphans:
+                if key not in whose:
+                    whose[key] = by_digest.get(moto.sha256(bucket, key), [])
+            # Committed by the killed worker, which died before it answered: no reaper knows of it.
+            unreaped = [k for k in orphans if any(a.outcome == "dropped (killed worker)" for a in whose[k])]
+            if len(orphans) == len(unreaped) or time.monotonic() - t0 > 30:
                 break
             time.sleep(0.5)
         orphan_wait = time.monotonic() - t0
@@ -400,14 +411,11 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
             elif final[key] != a.size or a.answered_sha256 != a.sha256 or moto.sha256(bucket, key) != a.sha256:
                 corrupted.append(key)
         # Whose bytes each orphan holds, and how that request ended.
-        by_digest: Dict[str, List[Attempt]] = {}
-        for a in attempts:
-            by_digest.setdefault(a.sha256, []).append(a)
+        unanswered = len(unreaped)
         for n, key in enumerate(orphans):
-            whose = by_digest.get(moto.sha256(bucket, key), [])
             orphans[n] = key + (" (" + "; ".join(f"{a.progress_id}: {a.outcome} at {a.ended_at:.1f} s, "
-                                                 f"during {_during(a, faults)}" for a in whose) + ")"
-                                if whose else " (bytes of no request of the run)")
+                                                 f"during {_during(a, faults)}" for a in whose[key]) + ")"
+                                if whose[key] else " (bytes of no request of the run)")
         duplicates = len([a for a in attempts if a.outcome == "2xx"]) - len(acked)
         lost += [f"(a key answered twice) x {duplicates}"] if duplicates else []
         leftovers = {"temp keys": len(keys) - len(final), "multipart uploads": len(moto.pending_uploads(bucket)),
@@ -426,7 +434,7 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
     if poller.errors:
         ends["dropped"] = len(poller.errors)
     return FaultRun(workers, seconds, attempts, faults, list(poller.latencies), ends, lost, corrupted,
-                    orphans, orphan_wait, leftovers, cleanup, still, slow)
+                    orphans, unanswered, orphan_wait, leftovers, cleanup, still, slow)
 
 
 def _cleanup(moto: Any, bucket: str, tempdir: str) -> str:
@@ -455,10 +463,17 @@ def _cleanup(moto: Any, bucket: str, tempdir: str) -> str:
 AFTERMATH = 4.0
 
 
+#: The faults that can end a request this way (any fault for other ends).
+CAUSES = {"503 storage_unavailable": ("S3 cut", "S3 blackhole"), "dropped (killed worker)": ("worker kill",),
+          "dropped (not yet served)": ("worker kill",), "dropped": ("worker kill",)}
+
+
 def _during(a: Attempt, faults: List[Fault]) -> str:
-    """The first fault an attempt that did not succeed ended in (or just after)."""
-    for f in faults:
-        if f.injected and f.start <= a.ended_at <= f.end + AFTERMATH:
+    """The latest fault able to end ``a`` as it ended that ``a`` ended in, or just after."""
+    causes = CAUSES.get(a.outcome)
+    for f in reversed(faults):
+        if (f.injected and f.start <= a.ended_at <= f.end + AFTERMATH
+                and (causes is None or f.short in causes)):
             return f.short
     return "none"
 
@@ -558,20 +573,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         for ended in sorted({e for e, _ in r.slowloris}):
             end_rows.append([r.workers, f"slowloris: {ended}", sum(1 for e, _ in r.slowloris if e == ended), "-",
                              "slowloris"])
-    print(md_table(["workers", "ended", "first attempts", "retries", "during (or up to 4 s after)"], end_rows,
+    print(md_table(["workers", "ended", "first attempts", "retries", "fault (ended in it or up to 4 s after)"], end_rows,
                    align="rlrrl"))
     print()
     print("### What S3 holds\n")
     print("Read from moto directly: every upload answered 2xx, its object's sha256 against the bytes its "
-          "client sent. Orphans counted after waiting for the background reaper (up to 30 s). What the "
+          "client sent. Orphans counted after waiting for the background reaper (up to 30 s, or until only "
+          "orphans no reaper knows of are left). What the "
           "killed worker and the outages left in the temp area (never under a final key) is for "
-          "`uploadkit cleanup`, run once the load is over with `--older-than 0s`.\n")
-    print(md_table(["workers", "answered 2xx", "lost", "corrupted", "orphans", "reaper wait s",
-                    "left for cleanup", "`uploadkit cleanup`", "left after it"],
+          "`uploadkit cleanup`, run once the load is over with `--older-than 0s`. An orphan \"killed "
+          "unanswered\" holds the bytes of an upload the SIGKILLed worker was serving: it committed the file "
+          "and died before it answered, so its client saw a dropped connection (and may have sent the file "
+          "again). No process is left that knows of it.\n")
+    print(md_table(["workers", "answered 2xx", "lost", "corrupted", "orphans", "of them, killed unanswered",
+                    "reaper wait s", "left for cleanup", "`uploadkit cleanup`", "left after it"],
                    [[r.workers, sum(1 for a in r.attempts if a.outcome == "2xx"), len(r.lost), len(r.corrupted),
-                     len(r.orphans), f"{r.orphan_wait:.1f}",
+                     len(r.orphans), r.unanswered, f"{r.orphan_wait:.1f}",
                      ", ".join(f"{v} {k}" for k, v in r.leftovers.items()), r.cleanup,
-                     sum(r.after_cleanup.values())] for r in runs], align="rrrrrrllr"))
+                     sum(r.after_cleanup.values())] for r in runs], align="rrrrrrrllr"))
     print()
     for r in runs:
         for what, keys in (("lost", r.lost), ("corrupted", r.corrupted), ("orphans", r.orphans)):
