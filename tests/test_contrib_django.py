@@ -333,3 +333,25 @@ def test_fsspec_storage_on_s3_behind_an_image_field(s3_server: Any, s3_bucket: s
         assert obj["Body"].read() == photo
     finally:
         field.storage = default
+
+
+def test_a_tus_upload_reaches_a_django_view_as_request_files(tmp_path: Any) -> None:
+    from tests.support.django_project import views
+    from uploadkit.tusapp import TusSettings
+
+    views.TUS_SEEN.clear()
+    app = webtest.TestApp(get_wsgi_application(tus=TusSettings(directory=str(tmp_path / "tus"))))
+    data = b"%PDF-1.4\n" + b"x" * 20_000
+    t = {"Tus-Resumable": "1.0.0"}
+    created = app.post("/upload/tus/", headers={**t, "Upload-Length": str(len(data)),
+                                                "Upload-Metadata": "filename cmVwb3J0LnBkZg=="}, status=201)
+    url = created.headers["Location"]
+    octets = {**t, "Content-Type": "application/offset+octet-stream"}
+    app.patch(url, data[:10_000], headers={**octets, "Upload-Offset": "0"}, status=204)
+    done = app.patch(url, data[10_000:], headers={**octets, "Upload-Offset": "10000"}, status=204)
+    assert done.headers["Upload-Offset"] == str(len(data))
+    [seen] = views.TUS_SEEN
+    assert seen["method"] == "PATCH" and seen["upload_id"] == url.rpartition("/")[2]
+    [f] = seen["files"]["file"]
+    assert f["name"] == "report.pdf" and f["sha256"] == sha(data) and f["size"] == len(data)
+    assert f["content_type"] == "application/pdf"

@@ -310,3 +310,30 @@ def test_progress_crosses_workers_under_gunicorn(tmp_path: Any, memcached_server
     assert counts == sorted(counts)
     assert final["state"] == "done" and final["received"] == final["size"]
     assert os.listdir(tmp_path) == []
+
+
+def test_a_tus_upload_reaches_a_flask_view_as_request_files(tmp_path: Any) -> None:
+    import io
+
+    from tusclient import client as tus_client
+
+    from uploadkit.tusapp import TusSettings
+
+    app = Flask(__name__)
+    app.config["UPLOADKIT_TUS"] = TusSettings(directory=str(tmp_path / "tus"))
+    UploadKit(app)
+    seen = []
+
+    @app.route("/upload/tus/<upload_id>", methods=["PATCH", "POST"])
+    def finished(upload_id: str) -> Any:
+        f = request.files["file"]
+        seen.append((f.filename, hashlib.sha256(f.read()).hexdigest(), f.uploadkit.sha256))
+        return {"ok": True}
+
+    data = os.urandom(50_000)
+    with serve(app) as srv:
+        up = tus_client.TusClient(srv.url + "/upload/tus/").uploader(
+            file_stream=io.BytesIO(data), chunk_size=20_000, metadata={"filename": "a b.bin"}, retries=0)
+        up.upload()
+    digest = hashlib.sha256(data).hexdigest()
+    assert seen == [("a b.bin", digest, digest)]  # the file of the request that completed the upload

@@ -122,3 +122,29 @@ def test_demo_command_refuses_with_json_and_stops_on_terminate(storage_dir: str)
         demo.proc.terminate()  # type: ignore[union-attr]
         assert demo.wait(timeout=TIMEOUT) == 0  # SIGTERM stops it as cleanly as Ctrl+C
         demo.expect("stopped")
+
+
+def test_demo_command_serves_tus_at_upload_tus(storage_dir: str) -> None:
+    from tusclient import client as tus_client
+
+    from tests.support.images import encode, photo
+
+    image = encode(photo(800, 600), "JPEG")
+    assert len(image) > 64 * 1024
+    with _demo(storage_dir) as demo:
+        up = tus_client.TusClient(demo.url + "/upload/tus/").uploader(
+            file_stream=io.BytesIO(image), chunk_size=16 * 1024, metadata={"filename": "resumed.jpg"},
+            retries=0)
+        up.upload(stop_at=32 * 1024)
+        progress = requests.get(demo.url + "/upload/progress", timeout=TIMEOUT,
+                                params={"X-Progress-ID": up.url.rpartition("/")[2]}).json()
+        assert progress["state"] == "uploading" and progress["size"] == len(image)
+        up.upload()
+        [info] = requests.get(demo.url + "/api/files", timeout=TIMEOUT).json()["files"]
+        assert info["filename"] == "resumed.jpg" and info["size"] == len(image)
+        assert info["sha256"] == hashlib.sha256(image).hexdigest()
+        assert sorted(info["thumbnails"]) == ["200x200", "400x400"]
+        assert requests.get(demo.url + info["url"], timeout=TIMEOUT).content == image
+        demo.signal(signal.SIGINT)
+        assert demo.wait(timeout=TIMEOUT) == 0
+    assert not [k for k in os.listdir(os.path.join(storage_dir, ".uploadkit-tmp", "tus")) if k.endswith(".bin")]

@@ -228,3 +228,17 @@ def test_flush_tail_goes_only_to_later_handlers() -> None:
     assert b"".join(before.chunks) == b"abcdef"
     assert after.chunks == [b"abcdef"]
     assert p.ctx.files[0].read() == b"abcdef"
+
+
+def test_a_resumed_file_starts_with_its_stored_head_and_counts_its_earlier_bytes() -> None:
+    # A resumable upload's later request: 40 bytes went through a chain before.
+    log: List[Tuple[str, Any]] = []
+    spy = Spy(log)
+    p = _pipeline([spy], limits=Limits(max_file_size=50), head_size=16)
+    info = p.start_file("f", "a.bin", resume_at=40, head=b"0123456789abcdefXYZ")
+    assert log == [("file_start", (b"0123456789abcdef", 40))]  # before any new byte arrived
+    p.feed(b"new")
+    assert spy.chunks == [b"new"]  # only the new bytes are pushed
+    assert info.size == 43
+    with pytest.raises(FileTooLarge):
+        p.feed(b"x" * 8)  # 51 bytes in all

@@ -642,3 +642,119 @@ def test_an_aborted_request_keeps_a_dedup_file_others_may_share(tmp_path: Any) -
     b = seen["b"]
     assert b.deduplicated and b.key == p.ctx.files[0].key
     assert storage.exists(b.key) and read_key(storage, b.key) == data
+
+
+# -- who decides a taken key -----------------------------------------------------------------
+
+
+def test_collisions_are_settled_by_the_store_where_it_can(backend: Backend) -> None:
+    storage = backend.make(upload_to="{filename}")
+    assert storage.atomic_collisions  # O_EXCL/link, If-None-Match, or a store only this process sees
+
+
+class NoExclusiveCreateFileSystem(LocalFileSystem):
+    """A backend uploadkit knows no exclusive create for (reached as ``noexcl://``)."""
+
+    protocol = "noexcl"
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        path, prefix = str(path), f"{cls.protocol}://"
+        return LocalFileSystem._strip_protocol(path[len(prefix):] if path.startswith(prefix) else path)
+
+
+fsspec.register_implementation("noexcl", NoExclusiveCreateFileSystem, clobber=True)
+
+
+def test_a_backend_without_exclusive_create_says_so(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    url = f"noexcl://{tmp_path / 'root'}"
+    with caplog.at_level("WARNING", logger="uploadkit"):
+        storage = Storage(url, upload_to="{filename}", collision="rename",
+                          storage_options={"skip_instance_cache": True})
+    assert not storage.atomic_collisions and not storage.local
+    assert "collision='rename' is settled within each process" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uploadkit"):
+        Storage(url, collision="rename")  # {uuid} keys: nothing to settle
+        Storage(url, upload_to="{filename}", collision="overwrite")
+    assert caplog.text == ""
+
+
+def test_empty_files_collide_too(backend: Backend) -> None:
+    # On S3 an empty file's key is created by a conditional PutObject, not a multipart upload.
+    storage = backend.make(upload_to="{filename}")
+    first = storage.save(io.BytesIO(b""), filename="empty.txt")
+    second = storage.save(io.BytesIO(b""), filename="empty.txt")
+    assert first == "empty.txt" and re.fullmatch(r"empty_[A-Za-z0-9]{7}\.txt", second)
+    with pytest.raises(FileExists):
+        storage.save(io.BytesIO(b""), "empty.txt", collision="error")
+    assert sorted(backend.everything()) == sorted([first, second])
+
+
+def test_s3_a_retried_conditional_create_of_its_own_object_is_stored(
+        s3_server: S3Server, s3_bucket: str) -> None:  # noqa: F811
+    """A complete whose answer was lost, retried, is refused with 412 by the
+    object it created: that is this write's key, not a taken one. And the
+    cleanup of an unanswered create removes only the write's own object."""
+    from uploadkit.storage import _s3_create, _s3_remove_own
+
+    storage = Storage(f"s3://{s3_bucket}/media", storage_options=s3_server.options(), block_size=S3_BLOCK)
+    fs = storage.fs
+    src = f"{s3_bucket}/media/src.bin"
+    data = data_of(300_000, 3)
+    fs.pipe_file(src, data)
+    dst = f"{s3_bucket}/media/final.bin"
+    assert _s3_create(fs, src, dst, len(data), "write-a") is True
+    assert _s3_create(fs, src, dst, len(data), "write-a") is True  # the retry: its own object
+    assert _s3_create(fs, src, dst, len(data), "write-b") is False  # another write: taken
+    _s3_remove_own(fs, dst, "write-b")
+    assert read_key(storage, "final.bin") == data, "another write's object was removed"
+    _s3_remove_own(fs, dst, "write-a")
+    assert not storage.exists("final.bin")
+    assert s3_server.pending_uploads(s3_bucket) == []
+
+
+class ConflictingS3:
+    """s3fs, except that S3 answers the first ``conflicts`` conditional
+    completes with 409 ConditionalRequestConflict (another conditional write
+    to the key in progress), as s3fs raises it."""
+
+    def __init__(self, fs: Any, conflicts: int) -> None:
+        self.fs = fs
+        self.conflicts = conflicts
+        self.calls: List[str] = []
+
+    def split_path(self, path: str) -> Any:
+        return self.fs.split_path(path)
+
+    def call_s3(self, method: str, **kwargs: Any) -> Any:
+        from botocore.exceptions import ClientError
+        from s3fs.errors import translate_boto_error
+
+        self.calls.append(method)
+        if method == "complete_multipart_upload" and self.conflicts:
+            self.conflicts -= 1
+            raise translate_boto_error(ClientError(
+                {"Error": {"Code": "ConditionalRequestConflict", "Message": "A conflicting operation is in progress"},
+                 "ResponseMetadata": {"HTTPStatusCode": 409}}, "CompleteMultipartUpload"))
+        return self.fs.call_s3(method, **kwargs)
+
+
+def test_s3_a_conflicting_conditional_write_is_retried_from_a_new_upload(
+        s3_server: S3Server, s3_bucket: str) -> None:  # noqa: F811
+    from uploadkit.storage import _CONFLICT_ATTEMPTS, _s3_create
+
+    storage = Storage(f"s3://{s3_bucket}/media", storage_options=s3_server.options(), block_size=S3_BLOCK)
+    data = data_of(200_000, 4)
+    src, dst = f"{s3_bucket}/media/src.bin", f"{s3_bucket}/media/final.bin"
+    storage.fs.pipe_file(src, data)
+    fs = ConflictingS3(storage.fs, conflicts=2)
+    assert _s3_create(fs, src, dst, len(data), "write-a") is True
+    assert fs.calls.count("create_multipart_upload") == 3 and fs.calls.count("abort_multipart_upload") == 2
+    assert read_key(storage, "final.bin") == data
+    # A conflict that does not end is a failure, not a taken key.
+    fs = ConflictingS3(storage.fs, conflicts=_CONFLICT_ATTEMPTS)
+    with pytest.raises(OSError):
+        _s3_create(fs, src, f"{s3_bucket}/media/other.bin", len(data), "write-b")
+    assert not storage.exists("other.bin")
+    assert s3_server.pending_uploads(s3_bucket) == []

@@ -400,3 +400,55 @@ def test_mhtml_is_served_as_an_attachment(tmp_path: Any, name: str) -> None:
     assert status.startswith("200")
     assert headers["Content-Disposition"].startswith("attachment")
     assert headers["Content-Security-Policy"] == "sandbox"
+
+
+def test_a_directory_key_is_404_json_not_a_crash(storage: Storage) -> None:
+    """``upload_to`` with folders makes directories on local disk (prefixes
+    elsewhere): naming one, or something under a file, is an unknown key."""
+    dated = Storage(storage.root, fs=storage.fs, upload_to="photos/{date:%Y/%m/%d}/{uuid}{ext}")
+    key = dated.save(io.BytesIO(b"jpeg bytes"), filename="cat.jpg")
+    folders = key.split("/")[:-1]
+    with serve(storage.app()) as base:
+        assert requests.get(f"{base}/{key}", timeout=10).content == b"jpeg bytes"
+        for n in range(1, len(folders) + 1):
+            for path in ["/" + "/".join(folders[:n]), f"/{key}/x"]:
+                for method in ("GET", "HEAD"):
+                    status, headers, body = raw_request(base, method, path)
+                    assert status == 404, (method, path, status, body[:200])
+                    assert headers["content-type"] == "application/json"
+                    if method == "GET":
+                        assert json.loads(body)["error"]["code"] == "not_found"
+        # The server is still serving.
+        assert requests.get(f"{base}/{key}", timeout=10).status_code == 200
+
+
+#: name, bytes, expected Content-Type, sent as an attachment
+SERVED_TYPES = [
+    ("doc.pdf", b"%PDF-1.7\n1 0 obj<</OpenAction<</S/JavaScript/JS(app.alert(1))>>>>endobj", "application/pdf", False),
+    ("ui.xul", b'<window xmlns="http://www.mozilla.org/keymaster/gatekeeper/there.is.only.xul"/>',
+     "text/xul", True),
+    ("site.css", b"body { color: red }", "text/css", False),
+    ("subs.vtt", b"WEBVTT\n\n00:00.000 --> 00:01.000\n<b>hello</b>\n", "text/vtt", False),
+    ("page.html", b"<script>alert(1)</script>", "text/html", True),
+    ("img.svg", b"<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>", "image/svg+xml", True),
+    ("pic.png", b"\x89PNG\r\n\x1a\n", "image/png", False),
+]
+
+
+def test_every_type_is_served_sandboxed_and_active_ones_as_attachments(storage: Storage) -> None:
+    """PDFs stay inline but sandboxed (their scripts get no origin); XUL is an
+    attachment like HTML and SVG; CSS and WebVTT stay inline, with nosniff."""
+    for name, body, _, _ in SERVED_TYPES:
+        storage.save(io.BytesIO(body), f"t/{name}")
+    with serve(storage.app()) as base:
+        for name, body, ctype, attachment in SERVED_TYPES:
+            for method in ("GET", "HEAD"):
+                status, headers, content = raw_request(base, method, f"/t/{name}")
+                assert status == 200 and content == (body if method == "GET" else b""), (method, name)
+                assert headers["content-type"] == ctype, name
+                assert headers["x-content-type-options"] == "nosniff", name
+                assert headers["content-security-policy"] == "sandbox", name
+                if attachment:
+                    assert headers["content-disposition"] == f"attachment; filename*=UTF-8''{name}", name
+                else:
+                    assert "content-disposition" not in headers, name

@@ -9,7 +9,11 @@ a crashed host) runs no hook, and leaves:
 * pending writes in the storage's temp area ``<root>/.uploadkit-tmp/``
   (a temp key that was complete but never moved to its final name);
 * on S3, multipart uploads that were started and neither completed nor
-  aborted: invisible in listings, but stored (and billed) until aborted.
+  aborted: invisible in listings, but stored (and billed) until aborted;
+* resumable (tus) uploads that were never finished: their state and bytes
+  stay in the upload area so a client can resume, until they expire
+  (``Upload-Expires``). Expired ones are reclaimed whatever their age, since
+  the server already answers 410 for them.
 
 :func:`cleanup` finds those older than a given age and removes them (or only
 lists them, ``dry_run``). It touches nothing else: in a tempdir only files named
@@ -32,7 +36,7 @@ from .errors import format_size
 from .storage import _as_datetime
 
 __all__ = ["Leftover", "CleanupReport", "parse_duration", "format_duration", "find_temp_files",
-           "find_storage_leftovers", "cleanup"]
+           "find_storage_leftovers", "find_expired_uploads", "cleanup"]
 
 #: What :class:`~uploadkit.handlers.TempFileHandler` names its files:
 #: ``uploadkit-<random token>-<n>.part`` (and ``mkstemp``'s
@@ -88,8 +92,10 @@ class Leftover:
     #: Seconds since it was last written (started, for a multipart upload).
     age: float
     size: Optional[int] = None
-    #: The S3 UploadId, for multipart uploads.
+    #: The S3 UploadId, for multipart uploads; the tus upload id for ``"tus-upload"``.
     upload_id: Optional[str] = None
+    #: The upload area holding a ``"tus-upload"``.
+    area: Any = field(default=None, repr=False, compare=False)
 
     def describe(self) -> str:
         extra = [format_duration(self.age) + " old"]
@@ -202,6 +208,8 @@ def find_storage_leftovers(storage: Any, older_than: float,
         for path, details in sorted(listing.items()):
             if details.get("type", "file") != "file":
                 continue
+            if path.startswith(f"{area}/tus/"):
+                continue  # resumable uploads: reclaimed when they expire (find_expired_uploads)
             mtime = _mtime_of(details)
             # No time known: old enough only when any age is accepted.
             age = now - mtime if mtime is not None else 0.0
@@ -210,6 +218,37 @@ def find_storage_leftovers(storage: Any, older_than: float,
     found.sort(key=lambda item: item.location)
     found.extend(_find_multipart_uploads(storage, older_than, now))
     return found
+
+
+def find_expired_uploads(area: Any, now: Optional[float] = None) -> List[Leftover]:
+    """Resumable uploads in ``area`` (an :class:`uploadkit.resumable.UploadArea`)
+    whose ``Upload-Expires`` has passed: unfinished ones, tombstones of
+    terminated ones, and the state kept for finished ones."""
+    now = time.time() if now is None else now
+    found = []
+    for upload_id in area.ids():
+        try:
+            state = area.load(upload_id)
+        except Exception:
+            continue
+        if state is None or state.expires > now:
+            continue
+        found.append(Leftover("tus-upload", f"{area.directory}/{upload_id}", now - state.expires,
+                              area.stored(upload_id), upload_id=upload_id, area=area))
+    return found
+
+
+def _tus_areas(tempdirs: Sequence[str], tus_dirs: Sequence[str], storage: Any) -> List[Any]:
+    from .resumable import AREA_NAME, UploadArea, area_for
+
+    areas: List[Any] = [UploadArea(d) for d in tus_dirs]
+    areas += [UploadArea(os.path.join(d, AREA_NAME)) for d in tempdirs if os.path.isdir(os.path.join(d, AREA_NAME))]
+    if storage is not None:
+        try:
+            areas.append(area_for(storage, None, None))
+        except ValueError:  # a store tus cannot write to holds no uploads
+            pass
+    return areas
 
 
 def _is_s3(fs: Any) -> bool:
@@ -235,6 +274,8 @@ def _find_multipart_uploads(storage: Any, older_than: float, now: float) -> List
     while True:
         page = fs.call_s3("list_multipart_uploads", **kwargs)
         for upload in page.get("Uploads", []):
+            if upload["Key"].startswith(prefix + "tus/"):
+                continue  # a resumable upload's parts: reclaimed when it expires
             started = _timestamp(upload.get("Initiated"))
             if started is not None and now - started < older_than:
                 continue
@@ -272,6 +313,9 @@ def _last_activity(fs: Any, bucket: str, key: str, upload_id: str, started: Opti
 
 def _remover(storage: Any) -> Callable[[Leftover], None]:
     def remove(item: Leftover) -> None:
+        if item.kind == "tus-upload":
+            item.area.remove(item.upload_id)
+            return
         if item.kind == "temp-file" or (item.kind == "temp-key" and storage is not None and storage.local):
             try:
                 os.unlink(item.location)
@@ -295,12 +339,16 @@ def _remover(storage: Any) -> Callable[[Leftover], None]:
 
 
 def cleanup(*, tempdirs: Sequence[str] = (), storage: Any = None, older_than: float = 3600.0,
-            dry_run: bool = False, now: Optional[float] = None) -> CleanupReport:
+            dry_run: bool = False, now: Optional[float] = None,
+            tus_dirs: Sequence[str] = ()) -> CleanupReport:
     """Find (and unless ``dry_run``, remove) leftovers older than ``older_than`` seconds.
 
     :param tempdirs: directories where :class:`~uploadkit.handlers.TempFileHandler` writes.
     :param storage: a :class:`uploadkit.storage.Storage` whose temp area (and,
-        on S3, multipart uploads under its root) to clean.
+        on S3, multipart uploads under its root) to clean, with its
+        resumable uploads' area.
+    :param tus_dirs: upload areas configured with ``TusSettings(directory=...)``;
+        ``<tempdir>/uploadkit-tus`` of each tempdir is searched anyway.
     :returns: a :class:`CleanupReport`; a failure to remove one item is
         recorded there and does not stop the others. Listing failures raise.
     """
@@ -312,6 +360,8 @@ def cleanup(*, tempdirs: Sequence[str] = (), storage: Any = None, older_than: fl
         report.found += find_temp_files(tempdir, older_than, now)
     if storage is not None:
         report.found += find_storage_leftovers(storage, older_than, now)
+    for area in _tus_areas(tempdirs, tus_dirs, storage):
+        report.found += find_expired_uploads(area, now)
     if dry_run:
         return report
     remove = _remover(storage)

@@ -38,6 +38,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="an fsspec storage option (repeatable); VALUE is read as JSON when it "
                             "parses, e.g. endpoint_url=http://127.0.0.1:9000 or "
                             "client_kwargs='{\"region_name\": \"eu-west-1\"}'")
+    clean.add_argument("--tus-dir", action="append", default=[], metavar="DIR",
+                       help="an upload area set with TusSettings(directory=...) (repeatable): its expired "
+                            "resumable uploads are removed")
     clean.add_argument("--temp-area", default=".uploadkit-tmp", metavar="NAME",
                        help="the storage's temp_dir (default .uploadkit-tmp)")
     clean.add_argument("--older-than", default="1h", metavar="AGE",
@@ -65,8 +68,8 @@ def _cleanup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         options = options_from(args.storage_option)
     except ValueError as exc:
         parser.error(str(exc))
-    if not args.tempdir and not args.storage:
-        parser.error("cleanup needs --tempdir DIR and/or --storage URL")
+    if not args.tempdir and not args.storage and not args.tus_dir:
+        parser.error("cleanup needs --tempdir DIR and/or --storage URL (or --tus-dir DIR)")
     if options and not args.storage:
         parser.error("--storage-option needs --storage")
     storage = None
@@ -74,7 +77,8 @@ def _cleanup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from .storage import Storage
 
         storage = Storage(args.storage, storage_options=options or None, temp_dir=args.temp_area)
-    report = cleanup(tempdirs=args.tempdir, storage=storage, older_than=older_than, dry_run=args.dry_run)
+    report = cleanup(tempdirs=args.tempdir, storage=storage, older_than=older_than, dry_run=args.dry_run,
+                     tus_dirs=args.tus_dir)
     for line in report.lines():
         print(line)
     return 0 if report.ok else 1

@@ -28,6 +28,7 @@ Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
 
 MEDIA_PREFIX = "/media/"
+TUS_PREFIX = "/upload/tus/"
 
 
 def _json(start_response: StartResponse, status: str, payload: Any) -> List[bytes]:
@@ -67,6 +68,8 @@ class DemoApp:
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                                       ("Content-Length", str(len(body)))])
             return [body]
+        if path.startswith(TUS_PREFIX) and environ.get(FILES_KEY) is not None:
+            method, path = "POST", "/upload"  # a resumable upload just completed: list it the same way
         if path == "/upload" and method == "POST":
             files = environ.get(FILES_KEY)
             if files is None:
@@ -121,10 +124,14 @@ def build_demo(storage_url: Optional[str] = None, memcached: Optional[str] = Non
     store = MemcachedStore(memcached) if memcached else MemoryStore()
     limits = Limits(max_file_size=max_file_size, max_files=20)
     app = DemoApp(storage, max_file_size=limits.max_file_size, max_files=limits.max_files)
+    from .tusapp import TusSettings
+
     mw = UploadMiddleware(
         app, storage=storage, progress=store, progress_path="/upload/progress", tempdir=tempdir,
         thumbnails=Thumbnailer(sizes=[(200, 200), (400, 400)], mode="fit"),
-        limits=limits, paths=["/upload"])
+        limits=limits, paths=["/upload"],
+        # Resumable uploads (tus 1.0) for tus-js-client, Uppy, tuspy, at /upload/tus/.
+        tus=TusSettings(path=TUS_PREFIX, lock_store=store if memcached else None))
     mw.demo_storage_url = storage_url  # type: ignore[attr-defined]
     return mw
 

@@ -116,6 +116,9 @@ class UploadMiddleware:
     :param quota: ``environ -> bytes the caller may still store, or None``.
     :param drain_limit: after a refusal, up to this many unread body bytes are
         read and dropped so the client sees the answer instead of a reset.
+    :param tus: a :class:`uploadkit.tusapp.TusSettings` (or True for the
+        defaults) to serve tus resumable uploads under its ``path`` through
+        this middleware's chain, storage and progress.
     """
 
     def __init__(self, app: WSGIApp, *, limits: Union[Limits, Callable[[Environ], Limits]] = Limits(),
@@ -129,7 +132,8 @@ class UploadMiddleware:
                  progress_settings: Any = None,
                  quota: Optional[Callable[[Environ], Optional[int]]] = None,
                  hash_sha256: bool = True, hash_md5: bool = False,
-                 memory_threshold: int = 2_621_440, drain_limit: int = 4 << 20) -> None:
+                 memory_threshold: int = 2_621_440, drain_limit: int = 4 << 20,
+                 tus: Any = None) -> None:
         if thumbnails is not None and storage is None:
             log.info("uploadkit: thumbnails without storage are kept on the files, not stored")
         self.app = app
@@ -149,6 +153,11 @@ class UploadMiddleware:
         self.progress_path = progress_path.rstrip("/") if progress_path else None
         self.progress_key = progress_key
         self._setup_progress(progress, progress_settings)
+        self.tus_app: Any = None
+        if tus is not None and tus is not False:
+            from .tusapp import TusApp, TusSettings
+
+            self.tus_app = TusApp(self, TusSettings() if tus is True else tus)
 
     def _setup_progress(self, store: Any, settings: Any) -> None:
         self.progress_store = None
@@ -231,6 +240,8 @@ class UploadMiddleware:
             path = environ.get("PATH_INFO", "")
             if path == self.progress_path or path.startswith(self.progress_path + "/"):
                 return self.progress_app(environ, start_response)
+        if self.tus_app is not None and self.tus_app.handles(environ):
+            return self.tus_app(environ, start_response)  # type: ignore[no-any-return]
         if not (self.intercepts(environ) or self.intercepts_raw(environ)):
             return self.app(environ, start_response)
         return self._upload(environ, start_response)

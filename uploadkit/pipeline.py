@@ -130,7 +130,15 @@ class Pipeline:
     # -- files -----------------------------------------------------------
 
     def start_file(self, field_name: str, raw_filename: str, declared_type: str = "",
-                   headers: Union[Headers, Sequence[Tuple[str, str]], None] = None) -> FileInfo:
+                   headers: Union[Headers, Sequence[Tuple[str, str]], None] = None, *,
+                   resume_at: int = 0, head: bytes = b"") -> FileInfo:
+        """Begin a file; its bytes follow through :meth:`feed`.
+
+        ``resume_at`` continues a file whose first ``resume_at`` bytes went
+        through a chain in earlier requests (a resumable upload): the size
+        limit counts them, ``head`` (the file's first bytes, kept by the
+        caller) is what ``file_start`` sees, and only the new bytes are pushed.
+        """
         declared = normalize_type(declared_type) if declared_type else ""
         info = FileInfo(
             field_name=field_name,
@@ -147,6 +155,11 @@ class Pipeline:
         self._pending_len = 0
         self._skipped = False
         self.progress.file_start(info)
+        if resume_at:
+            info.size = resume_at
+            info.head = head[: self.head_size]
+            self._pending = None
+            self._call_starters(info)
         return info
 
     def feed(self, data: bytes) -> None:
@@ -199,13 +212,16 @@ class Pipeline:
         data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
         self._pending = None
         info.head = data[: self.head_size]
+        self._call_starters(info)
+        return data
+
+    def _call_starters(self, info: FileInfo) -> None:
         for i, h in self._starters:
             if h.file_start(info) is SKIP:
                 for started in self.handlers[:i]:
                     started.file_skipped(info)
                 self._skipped = True
                 break
-        return data
 
     def _push(self, info: FileInfo, chunk: Optional[bytes], receivers: List[UploadHandler]) -> None:
         for h in receivers:

@@ -14,13 +14,22 @@ How the commit is done depends on the backend:
   get the same key and a reader never sees a half-written file. Where hard links
   are not supported, an ``O_EXCL`` reservation of the final name followed by
   ``os.replace`` is used instead. ``overwrite`` is a plain ``os.replace``.
-* **Other fsspec backends** (S3, GCS, memory, ...) write the temp key through
-  fsspec (on S3 a multipart upload once the data passes the block size; memory
-  use is bounded by that block size), then move it with ``fs.mv`` (on S3 a
-  server-side copy). Object stores have no atomic exclusive rename, so
-  ``rename``, ``error`` and ``dedup`` check for the final key just before the
-  move: two requests racing for the same *final* name within that instant can
-  still meet. Use ``{uuid}`` in ``upload_to`` when that matters.
+* **S3** (s3fs) writes the temp key through fsspec (a multipart upload once
+  the data passes the block size; memory use is bounded by that block size).
+  Under ``rename``, ``error`` and ``dedup`` the final key is then created by a
+  *conditional* write (``If-None-Match: *``): a multipart upload whose parts
+  are server-side copies of the temp key, completed only if no object has the
+  key (a PutObject for an empty file). S3 answers 412 to all but one of the
+  writers racing for a key, in any process on any host: the store decides.
+  ``overwrite`` is a plain server-side copy.
+* **Other fsspec backends** (GCS, Azure, memory, ...) write the temp key the
+  same way, then move it with ``fs.mv``. uploadkit knows no exclusive create
+  for them, so ``rename``, ``error`` and ``dedup`` check for the final key just
+  before the move, under a lock: exact within one process (all that a memory
+  filesystem has), but two *processes* racing for one final name within that
+  instant can both take it. :attr:`Storage.atomic_collisions` says which case
+  applies, and a ``Storage`` that can meet the race logs a warning when built.
+  Use ``{uuid}`` in ``upload_to`` there.
 
 Two fsspec traps are avoided on purpose: a file object closed by ``with`` (or
 by garbage collection) after an error commits its partial data, so a pending
@@ -35,6 +44,14 @@ a key can never leave the storage root. A bad key is a refusal
 Backend failures (disk full, permission denied, S3 unreachable) are raised as
 :class:`~uploadkit.errors.StorageUnavailable` (503) naming the operation, after
 whatever was started has been removed.
+
+Every call to an asynchronous backend (S3 through s3fs, GCS, ...) has a
+deadline, ``Storage(timeout=30.0)`` by default: a network that drops packets
+without a reset would otherwise hold the request for as long as TCP takes to
+give up (see :mod:`uploadkit._deadline`). A missed deadline refuses the upload
+like any backend failure; as the backend is unreachable right then, what the
+upload started (an S3 multipart upload, a temp key) is removed by the
+background retry rather than by waiting on it once more.
 """
 
 from __future__ import annotations
@@ -67,6 +84,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
+from ._deadline import bounded, unbounded, unreachable
 from .errors import BadKey, FileExists, StorageUnavailable, UploadError
 from .files import FileInfo, UploadedFile
 from .filenames import sanitize_filename
@@ -338,9 +356,18 @@ class _Reaper:
         self._jobs: List[_ReapJob] = []
         self._thread: Optional[threading.Thread] = None
 
-    def remove(self, key: str, remove: Callable[[], None], holds: str = "holds") -> None:
+    def remove(self, key: str, remove: Callable[[], None], holds: str = "holds", now: bool = True) -> None:
         """Undo a refused upload's file now or, while storage is down, later.
-        Never raises: abort paths call it."""
+        Never raises: abort paths call it.
+
+        ``now=False``: storage just missed a deadline, so trying now would hold
+        the caller for another one; the removal goes straight to the background.
+        """
+        if not now:
+            log.warning("uploadkit: %r %s a refused upload and storage is unreachable;"
+                        " removing it in the background", key, holds)
+            self.add(key, remove)
+            return
         try:
             remove()
         except FileNotFoundError:
@@ -642,10 +669,11 @@ class _FsspecPendingWrite(PendingWrite):
             self._file.write(data)
 
     def _finish(self) -> None:
-        f, self._file = self._file, None
+        f = self._file
         if f is not None:
             with _guard("write", self.key or "(upload)"):
                 f.close()  # completes the temp object (S3: the multipart upload)
+            self._file = None  # kept until then: a failed completion is aborted by discard
 
     def _place(self, key: str) -> str:
         storage = self.storage
@@ -656,13 +684,17 @@ class _FsspecPendingWrite(PendingWrite):
                 if self.collision == "overwrite":
                     self._move(path)
                     return key
-                # Check-then-move is not atomic on object stores: the lock makes
-                # it so between threads of this process; across processes two
-                # writers can still meet within the instant between the two.
-                with _COMMIT_LOCKS[hash((storage._token, path)) % len(_COMMIT_LOCKS)]:
-                    if not storage._fs_exists(path):
-                        self._move(path)
+                if storage._conditional_s3:
+                    if self._create_s3(path):
                         return key
+                else:
+                    # Check-then-move is not atomic here: the lock makes it so
+                    # between threads of this process; across processes two
+                    # writers can still meet within the instant between the two.
+                    with _COMMIT_LOCKS[hash((storage._token, path)) % len(_COMMIT_LOCKS)]:
+                        if not storage._fs_exists(path):
+                            self._move(path)
+                            return key
                 if self.collision == "dedup":
                     self.deduplicated = True
                     fs.rm_file(self._tmp)
@@ -695,8 +727,38 @@ class _FsspecPendingWrite(PendingWrite):
             log.warning("uploadkit: stored %r but could not remove its temp key %r (%s);"
                         " `uploadkit cleanup` removes it", path, self._tmp, _reason(exc))
 
+    def _create_s3(self, path: str) -> bool:
+        """Create ``path`` from the temp key only if no object has that key:
+        True when created, False when the key is taken.
+
+        The store decides, so two processes or hosts committing to one key at
+        the same instant cannot both win. Until the answer is in, ``path`` is
+        ``_placing``: a commit cut by an outage may have created it, and
+        discard then removes it, but only if it is this write's object.
+        """
+        fs = self.storage.fs
+        self._placing = path
+        created = _s3_create(fs, self._tmp, path, self.size, self._write_id)
+        self._placing = None
+        fs.invalidate_cache(path)
+        if created:
+            try:
+                fs.rm_file(self._tmp)
+            except BACKEND_ERRORS as exc:
+                log.warning("uploadkit: stored %r but could not remove its temp key %r (%s);"
+                            " `uploadkit cleanup` removes it", path, self._tmp, _reason(exc))
+        return created
+
+    @property
+    def _write_id(self) -> str:
+        """Marks the final object as this write's (S3 metadata): the temp key's unique name."""
+        return self._tmp.rpartition("/")[2]
+
     def _discard(self) -> None:
         f, self._file = self._file, None
+        if unreachable(self.storage.fs):
+            self._discard_later(f)
+            return
         if f is not None:
             try:
                 if isinstance(f, AbstractBufferedFile):
@@ -716,8 +778,160 @@ class _FsspecPendingWrite(PendingWrite):
         placing, self._placing = self._placing, None
         if placing is not None:
             fs = self.storage.fs
-            _REAPER.remove(placing, lambda: fs.rm_file(placing), holds="may hold")
+            if self.storage._conditional_s3:
+                # Under a conditional create the key may be another writer's:
+                # only this write's own object is removed.
+                remove = functools.partial(_s3_remove_own, fs, placing, self._write_id)
+            else:
+                remove = functools.partial(fs.rm_file, placing)
+            _REAPER.remove(placing, remove, holds="may hold")
 
+    def _discard_later(self, f: Any) -> None:
+        """Discard while storage is unreachable: it just missed a deadline, and
+        waiting on it here would hold the request for another one. The abort
+        (S3: AbortMultipartUpload) and the deletes go to the background retry;
+        ``uploadkit cleanup`` finds whatever this process cannot remove."""
+        fs, tmp = self.storage.fs, self._tmp
+        placing, self._placing = self._placing, None
+        steps: List[Callable[[], Any]] = []
+        if isinstance(f, AbstractBufferedFile):
+            # Never used again: closed, so that __del__ does not complete it
+            # with partial data, and its buffer released now, not at the abort.
+            f.closed = True
+            f.buffer = None
+            steps.append(f.discard)
+        elif f is not None:
+            steps.append(f.close)
+        # The temp key (a completion that landed unanswered) goes before the
+        # final key: a copy the network still holds may land late, and fails
+        # once its source is gone; one that landed earlier is removed next.
+        steps.append(functools.partial(fs.rm_file, tmp))
+        if placing is not None:
+            steps.append(functools.partial(_s3_remove_own, fs, placing, self._write_id)
+                         if self.storage._conditional_s3 else functools.partial(fs.rm_file, placing))
+
+        def undo() -> None:  # retried until every step is done; done ones are not redone
+            while steps:
+                try:
+                    steps[0]()
+                except FileNotFoundError:  # aborted, completed or removed already
+                    pass
+                steps.pop(0)
+
+        _REAPER.remove(placing or tmp, undo, holds="may hold", now=False)
+
+
+#: Metadata naming the pending write that created an S3 object (see ``_s3_create``).
+_WRITE_ID_META = "uploadkit-write"
+#: Bytes per UploadPartCopy: parts may be 5 MiB to 5 GiB and number at most
+#: 10,000, so 512 MiB parts reach 5 TiB, S3's largest object.
+_COPY_PART = 512 * 1024 * 1024
+
+
+def _conditional_s3(fs: AbstractFileSystem) -> bool:
+    """Whether ``fs`` is s3fs, whose client can send S3's conditional writes."""
+    try:
+        from s3fs import S3FileSystem
+    except ImportError:  # pragma: no cover - s3fs not installed
+        return False
+    return isinstance(fs, S3FileSystem)
+
+
+def _s3_create(fs: Any, src: str, dst: str, size: int, write_id: str) -> bool:
+    """Copy ``src`` to ``dst`` on S3 only if ``dst`` does not exist: True when
+    created, False when taken.
+
+    The final key is created by an operation S3 runs conditionally with
+    ``If-None-Match: *``, so the store, not the process, decides who gets a
+    key: a PutObject for an empty file, otherwise a multipart upload whose
+    parts are server-side copies of ``src`` (UploadPartCopy, no bytes through
+    this process) and whose CompleteMultipartUpload carries the condition.
+    Not a CopyObject: botocore lets it carry If-None-Match, but moto ignores
+    it there and overwrites, and S3-compatible stores vary; the conditional
+    complete is what AWS documents and moto enforces (412 PreconditionFailed,
+    which s3fs raises as FileExistsError).
+
+    The object carries ``write_id`` in its metadata: a 412 on a complete that
+    was retried after a lost answer means the key is ours, not taken. A 409
+    ConditionalRequestConflict (another write to the key was under way) is
+    retried from a new multipart upload, as S3's documentation asks.
+
+    :raises: the backend's errors, after aborting the multipart upload (or
+        queuing its abort while the store is down).
+    """
+    for attempt in range(_CONFLICT_ATTEMPTS):
+        try:
+            return _s3_create_once(fs, src, dst, size, write_id)
+        except OSError as exc:
+            cause = exc.__cause__
+            code = getattr(cause, "response", {}).get("Error", {}).get("Code")
+            if code != "ConditionalRequestConflict" or attempt + 1 == _CONFLICT_ATTEMPTS:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: Tries of a conditional create that S3 answers 409 ConditionalRequestConflict.
+_CONFLICT_ATTEMPTS = 4
+
+
+def _s3_create_once(fs: Any, src: str, dst: str, size: int, write_id: str) -> bool:
+    bucket, key, _ = fs.split_path(dst)
+    src_bucket, src_key, _ = fs.split_path(src)
+    metadata = {_WRITE_ID_META: write_id}
+    if size == 0:
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", Metadata=metadata, IfNoneMatch="*")
+        except FileExistsError:
+            return _s3_written_by(fs, bucket, key, write_id)
+        return True
+    upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, Metadata=metadata)["UploadId"]
+    try:
+        parts = []
+        for number, first in enumerate(range(0, size, _COPY_PART), 1):
+            last = min(first + _COPY_PART, size) - 1
+            out = fs.call_s3("upload_part_copy", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                             CopySource={"Bucket": src_bucket, "Key": src_key},
+                             CopySourceRange=f"bytes={first}-{last}")
+            parts.append({"PartNumber": number, "ETag": out["CopyPartResult"]["ETag"]})
+        fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+                   MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+    except FileExistsError:
+        _s3_abort(fs, bucket, key, upload_id)
+        return _s3_written_by(fs, bucket, key, write_id)
+    except BaseException:
+        _s3_abort(fs, bucket, key, upload_id)
+        raise
+    return True
+
+
+def _s3_written_by(fs: Any, bucket: str, key: str, write_id: str) -> bool:
+    """Whether the object at ``key`` was created by the write ``write_id``."""
+    try:
+        head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:  # taken, then deleted already: still not ours
+        return False
+    return bool(head.get("Metadata", {}).get(_WRITE_ID_META) == write_id)
+
+
+def _s3_remove_own(fs: Any, path: str, write_id: str) -> None:
+    """Delete ``path`` if the write ``write_id`` created it; leave anyone else's.
+
+    :raises FileNotFoundError: when nothing is there.
+    """
+    bucket, key, _ = fs.split_path(path)
+    if _s3_written_by(fs, bucket, key, write_id):
+        fs.rm_file(path)
+    fs.invalidate_cache(path)
+
+
+def _s3_abort(fs: Any, bucket: str, key: str, upload_id: str) -> None:
+    """Abort a multipart upload, now or, while S3 is down, in the background:
+    its parts are billed until then, and ``uploadkit cleanup`` only looks in
+    the temp area. Never raises."""
+    _REAPER.remove(f"{bucket}/{key}", functools.partial(
+        fs.call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
+        holds="has an unfinished multipart upload for", now=not unreachable(fs))
 
 # -- the storage -------------------------------------------------------------------
 
@@ -747,6 +961,13 @@ class Storage:
         then a delete (S3, GCS, Azure...) rather than a rename; guessed from the
         protocol. On such stores a commit whose delete of the temp key fails
         still counts as stored, and the temp key is left to ``uploadkit cleanup``.
+    :param timeout: seconds each call to an asynchronous backend (s3fs, gcsfs,
+        ...) may take, connecting, waiting for a pooled connection, sending (one
+        part, one put), committing (complete, copy, delete) and the backend's own
+        retries included; a call past it is cancelled and the upload refused with
+        :class:`~uploadkit.errors.StorageUnavailable`. None: no deadline.
+        Synchronous backends are not affected: local disk needs none, and a
+        synchronous network backend is bounded by its own timeout options.
     """
 
     def __init__(self, url: str, *, base_url: Optional[str] = None,
@@ -754,18 +975,26 @@ class Storage:
                  dedup_hash: Literal["sha256", "md5"] = "sha256",
                  storage_options: Optional[Dict[str, Any]] = None,
                  fs: Optional[AbstractFileSystem] = None, block_size: Optional[int] = None,
-                 temp_dir: str = ".uploadkit-tmp", object_store: Optional[bool] = None) -> None:
+                 temp_dir: str = ".uploadkit-tmp", object_store: Optional[bool] = None,
+                 timeout: Optional[float] = 30.0) -> None:
         if collision not in _COLLISIONS:
             raise ValueError(f"collision must be one of {_COLLISIONS}, not {collision!r}")
         if dedup_hash not in ("sha256", "md5"):
             raise ValueError(f"dedup_hash must be 'sha256' or 'md5', not {dedup_hash!r}")
         if not temp_dir.startswith(".") or "/" in temp_dir:
             raise ValueError(f"temp_dir must be one hidden directory name like '.uploadkit-tmp', not {temp_dir!r}")
+        if timeout is not None and not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
         if fs is None:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         else:
             root = url
-        self.fs: AbstractFileSystem = fs
+            fs = unbounded(fs)  # another Storage's fs: bound what it bounds, once
+        #: Deadline of each call to an asynchronous backend, in seconds (None: none).
+        self.timeout = timeout
+        #: The filesystem; an asynchronous one is seen through a view whose
+        #: calls have the deadline (``isinstance`` still sees its class).
+        self.fs: AbstractFileSystem = bounded(fs, timeout)
         self.local = type(fs) is LocalFileSystem
         if self.local:
             root = os.path.abspath(root)
@@ -778,6 +1007,13 @@ class Storage:
         #: Moves are copy-then-delete (S3 and its kin), not renames: guessed
         #: from the protocol; pass ``object_store=True`` for one we do not know.
         self.object_store = bool(protocols & _COPYING_STORES) if object_store is None else object_store
+        # S3 through s3fs: a taken key is decided by the store (If-None-Match).
+        self._conditional_s3 = _conditional_s3(fs)
+        #: Whether ``rename``, ``error`` and ``dedup`` are settled atomically by
+        #: the backend itself, for every process and host that shares it: local
+        #: disk (O_EXCL, link), S3 (conditional writes) and memory (one process
+        #: is all it has). Elsewhere they are settled within one process only.
+        self.atomic_collisions = self.local or self._conditional_s3 or protocols <= {"memory"}
         self.base_url = base_url
         self.collision: Collision = collision
         self.dedup_hash = dedup_hash
@@ -793,6 +1029,12 @@ class Storage:
                 raise ValueError(f"collision='dedup' needs {{{dedup_hash}}} in upload_to, got {upload_to!r}")
         elif not callable(upload_to):
             raise TypeError(f"upload_to must be a template string or a callable, not {upload_to!r}")
+        if (collision in ("rename", "error") and not self.atomic_collisions
+                and not (self._template is not None and self._template.fields & {"uuid", "sha256", "md5"})):
+            log.warning("uploadkit: %s cannot create a key only if it is free, so collision=%r is settled"
+                        " within each process: two processes storing one key at the same instant can both"
+                        " take it, and one file replaces the other; put {uuid} in upload_to",
+                        type(fs).__name__, collision)
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r}, fs={type(self.fs).__name__}, collision={self.collision!r})"
@@ -927,7 +1169,12 @@ class Storage:
         key = check_key(key)
         with _guard("read", key, passthrough=(FileNotFoundError, IsADirectoryError)):
             if self.local:
-                return open(self._local_path(key), "rb")
+                try:
+                    return open(self._local_path(key), "rb")
+                except (IsADirectoryError, NotADirectoryError):
+                    # A folder upload_to made ("photos/2024"), or a path under a
+                    # file ("a.txt/x"): no file is stored under that key.
+                    raise FileNotFoundError(errno.ENOENT, "not a file", key) from None
             self.fs.invalidate_cache(self._path(key))
             return self.fs.open(self._path(key), "rb", block_size=self.block_size)  # type: ignore[no-any-return]
 
@@ -1145,7 +1392,8 @@ class StorageHandler(UploadHandler):
             # since. It is left in place (it is a correct copy of its bytes).
             elif (pending.committed and not pending.deduplicated
                   and pending.collision not in ("overwrite", "dedup") and pending.final_key):
-                _REAPER.remove(pending.final_key, functools.partial(self.storage._remove, pending.final_key))
+                _REAPER.remove(pending.final_key, functools.partial(self.storage._remove, pending.final_key),
+                               now=not unreachable(self.storage.fs))
         self._files.clear()
 
 
@@ -1162,8 +1410,10 @@ def _key_opener(storage: Storage, uploaded: Optional[UploadedFile]) -> Callable[
 Authorize = Callable[[Dict[str, Any], str, str], bool]
 
 #: Subtypes a browser would run or render as a page: served as attachments.
-# Types a browser renders as a page with scripts (MHTML: message/rfc822, multipart/related).
-_ACTIVE_MARKERS = ("html", "xml", "javascript", "ecmascript", "x-shockwave-flash", "rfc822", "related")
+# Types a browser renders as a page with scripts (MHTML: message/rfc822, multipart/related;
+# XUL: text/xul from the type tables, application/vnd.mozilla.xul+xml, an XML UI language
+# with scripts of its own).
+_ACTIVE_MARKERS = ("html", "xml", "javascript", "ecmascript", "x-shockwave-flash", "rfc822", "related", "xul")
 
 
 def _is_active(content_type: str) -> bool:
@@ -1247,10 +1497,10 @@ class StorageApp:
     """A WSGI app serving a :class:`Storage`: ``PATH_INFO`` is the key.
 
     GET and HEAD send Content-Type (from the extension), Content-Length, ETag,
-    Last-Modified and ``X-Content-Type-Options: nosniff``; answer conditional
-    requests with 304 and single byte ranges with 206 (416 when unsatisfiable);
-    and send types a browser would run (HTML, SVG, XML, JavaScript) as
-    attachments. DELETE removes the key and its thumbnails when allowed.
+    Last-Modified, ``X-Content-Type-Options: nosniff`` and
+    ``Content-Security-Policy: sandbox``; answer conditional requests with 304
+    and single byte ranges with 206 (416 when unsatisfiable); and send types a
+    browser would run (HTML, SVG, XML, XUL, JavaScript) as attachments. DELETE removes the key and its thumbnails when allowed.
 
     :param authorize: ``authorize(environ, action, key) -> bool`` with action
         ``"read"`` or ``"delete"``. Without it reads are allowed and deletes refused.
@@ -1350,10 +1600,18 @@ class StorageApp:
             return []
         ctype = meta.content_type
         headers.append(("Content-Type", ctype))
+        # Every file is sandboxed, not only the types listed as active: a
+        # document shown inline (a PDF with its scripts, forms and links, or a
+        # type a browser learns to run later) gets a unique origin and no
+        # scripts. It only applies where the file is opened as a page: an
+        # <img>, a stylesheet or a <track> ignores its own CSP, so images,
+        # media, text/css and text/vtt are served inline and work as before;
+        # with nosniff a browser uses a stylesheet only as text/css, which
+        # runs nothing, and WebVTT cues are text.
+        headers.append(("Content-Security-Policy", "sandbox"))
         if _is_active(ctype):
             name = key.rpartition("/")[2]
             headers.append(("Content-Disposition", f"attachment; filename*=UTF-8''{quote(name, safe='')}"))
-            headers.append(("Content-Security-Policy", "sandbox"))
         first, last, status = 0, meta.size - 1, "200 OK"
         range_header = environ.get("HTTP_RANGE")
         if range_header and self._if_range_ok(environ, meta):

@@ -3,7 +3,8 @@
 * :class:`MotoProcess`: an S3-compatible server (moto) in its own process, so
   its work does not compete for the test process's GIL and it can be killed.
 * :class:`TcpProxy`: a TCP forwarder in front of it that a test can cut and
-  restore (an S3 outage without losing the server's state).
+  restore (an S3 outage without losing the server's state), or blackhole and
+  heal (packets dropped, nothing closed).
 * :class:`Cluster`: gunicorn (gthread) with N workers serving
   :mod:`tests.support.cluster_app`, in its own session, stopped by its own
   process group id.
@@ -89,10 +90,13 @@ def _stop_group(proc: Optional[subprocess.Popen[bytes]], timeout: float = 15.0) 
 
 class MotoProcess:
     """moto's S3 server as a subprocess on 127.0.0.1. Its spooled objects go to
-    its own temp dir, never the app's."""
+    its own temp dir, never the app's. Its conditional writes are atomic, as
+    on S3 (see :mod:`tests.support.moto_server`)."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, latency: float = 0.0) -> None:
         self.workdir = workdir
+        #: Seconds every request to a key waits before it is served (a real store's latency).
+        self.latency = latency
         self.port = 0
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
@@ -104,11 +108,12 @@ class MotoProcess:
         tmp = os.path.join(self.workdir, "moto-tmp")
         os.makedirs(tmp, exist_ok=True)
         self.port = free_port()
-        env = dict(os.environ, TMPDIR=tmp, **DUMMY_CREDENTIALS)
+        env = dict(os.environ, TMPDIR=tmp, UPLOADKIT_TEST_S3_LATENCY=str(self.latency), **DUMMY_CREDENTIALS)
         log = open(os.path.join(self.workdir, "moto.log"), "wb")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, os.path.join(REPO_ROOT, "tests", "support", "moto_server.py"),
+                 "-H", "127.0.0.1", "-p", str(self.port)],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         finally:
@@ -160,7 +165,16 @@ class MotoProcess:
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to ``target_port``. ``cut()`` closes the
     listener and every open connection (clients then get refused connections);
-    ``restore()`` listens again on the same port."""
+    ``restore()`` listens again on the same port.
+
+    ``blackhole(after=n)`` lets ``n`` more bytes through towards the target
+    (``blackhole(on=b"...")``: everything before the first read that holds
+    those bytes, e.g. one request's header), then stops forwarding in both directions *without closing anything*: the
+    proxy stops reading and writing, its sockets stay open, and new
+    connections are accepted but carry nothing. To a client that is a network
+    dropping every packet: no reset, no answer, writes that stop draining once
+    the socket buffers are full. ``heal()`` forwards again, what was held first.
+    """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -169,6 +183,15 @@ class TcpProxy:
         self._conns: List[socket.socket] = []
         self._lock = threading.Lock()
         self._threads: List[threading.Thread] = []
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._budget: Optional[int] = None  # bytes towards the target before the blackhole
+        self._marker = b""  # or: the bytes towards the target that start it
+        self._tail = b""  # the end of the last read, where a marker may begin
+        #: ``time.monotonic()`` when the blackhole began (None: not yet, or healed).
+        self.blackholed_at: Optional[float] = None
+        self._blackholed = threading.Event()
+        self._clients: List[socket.socket] = []
 
     @property
     def url(self) -> str:
@@ -204,17 +227,28 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns += [client, upstream]
+                self._clients.append(client)
             pair = [client, upstream]
             ended = [0]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b, pair, ended), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(a, b, pair, ended, a is client), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, pair: List[socket.socket], ended: List[int]) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, pair: List[socket.socket], ended: List[int],
+              towards_target: bool = False) -> None:
         try:
             while True:
+                self._flowing.wait()  # blackholed: read nothing more
                 data = src.recv(256 * 1024)
                 if not data:
                     break
+                if towards_target:
+                    data, held = self._spend(data)
+                    if data:
+                        dst.sendall(data)
+                    if not held:
+                        continue
+                    data = held
+                self._flowing.wait()  # blackholed: what was read is held, as by a dead link
                 dst.sendall(data)
         except OSError:
             pass
@@ -229,12 +263,88 @@ class TcpProxy:
                 for s in pair:
                     if s in self._conns:
                         self._conns.remove(s)
+                    if s in self._clients:
+                        self._clients.remove(s)
                     s.close()
 
+    def _spend(self, data: bytes) -> Tuple[bytes, bytes]:
+        """Split ``data`` into what goes through now and what the blackhole holds."""
+        with self._lock:
+            if self._marker:
+                seen, self._tail = self._tail + data, data[-len(self._marker):]
+                if self._marker in seen:
+                    self._marker = b""
+                    self._begin_blackhole()
+                    return b"", data
+                return data, b""
+            if self._budget is not None:
+                if len(data) < self._budget:
+                    self._budget -= len(data)
+                    return data, b""
+                now, held = data[:self._budget], data[self._budget:]
+                self._budget = None
+                self._begin_blackhole()
+                return now, held
+            if self._flowing.is_set():
+                return data, b""
+            return b"", data  # read just as the blackhole began
+
+    def _begin_blackhole(self) -> None:  # under the lock
+        self._flowing.clear()
+        self.blackholed_at = time.monotonic()
+        self._blackholed.set()
+
+    def blackhole(self, after: int = 0, on: bytes = b"") -> None:
+        """Stop forwarding, without closing anything, once ``after`` more bytes
+        went towards the target, or before the first read holding ``on``
+        (at once when neither is given)."""
+        with self._lock:
+            self._blackholed.clear()
+            self.blackholed_at = None
+            self._budget, self._marker, self._tail = None, on, b""
+            if after > 0:
+                self._budget = after
+            elif not on:
+                self._begin_blackhole()
+
+    def wait_blackholed(self, timeout: float) -> bool:
+        """Whether the blackhole began within ``timeout`` seconds."""
+        return self._blackholed.wait(timeout)
+
+    def heal(self, drop: bool = False) -> None:
+        """Forward again: first what the blackhole held, then everything. With
+        ``drop``, the connections it held are reset instead and what they held
+        is lost (as when TCP gives up on them); new ones are forwarded."""
+        with self._lock:
+            self._budget, self._marker = None, b""
+            held = list(self._conns) if drop else []
+        for s in held:
+            _reset(s)
+        self._flowing.set()
+
+    def clients_gone(self) -> int:
+        """How many accepted client connections their client has closed (FIN or
+        reset), seen without reading from them: a blackholed connection is not read."""
+        with self._lock:
+            clients = list(self._clients)
+        gone = 0
+        for s in clients:
+            poller = select.poll()
+            try:
+                poller.register(s, select.POLLRDHUP)
+            except (OSError, ValueError):  # closed by the proxy itself
+                continue
+            if any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0)):
+                gone += 1
+        return gone
+
     def cut(self) -> None:
+        self._flowing.set()  # blackholed pipes wake up and meet the closed sockets
         with self._lock:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
+            self._clients = []
+            self._budget, self._marker = None, b""
         if listener is not None:
             try:
                 listener.shutdown(socket.SHUT_RDWR)
@@ -242,24 +352,29 @@ class TcpProxy:
                 pass
             listener.close()
         for s in conns:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                # A pipe thread blocked in send or recv on this socket keeps it
-                # alive past close(): both directions could stay blocked for
-                # ever (each end writing, neither reading), and the client
-                # would wait on a connection nobody ends. shutdown() wakes them.
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()  # linger 0: a reset, like a dead server
-            except OSError:
-                pass
+            _reset(s)
 
     def stop(self) -> None:
         self.cut()
         for t in self._threads:
             t.join(timeout=5)
+
+
+def _reset(s: socket.socket) -> None:
+    """Close ``s`` with a reset, like a dead server."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        # A pipe thread blocked in send or recv on this socket keeps it
+        # alive past close(): both directions could stay blocked for
+        # ever (each end writing, neither reading), and the client
+        # would wait on a connection nobody ends. shutdown() wakes them.
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        s.close()  # linger 0: a reset
+    except OSError:
+        pass
 
 
 # -- gunicorn ---------------------------------------------------------------------------

@@ -16,8 +16,14 @@ Other settings: ``UPLOADKIT_CLUSTER_STORAGE_OPTIONS`` (JSON fsspec options),
 ``UPLOADKIT_CLUSTER_BLOCK_SIZE`` (S3 part size, bytes),
 ``UPLOADKIT_CLUSTER_PROGRESS_SETTINGS`` (JSON keyword arguments of
 ``ProgressSettings``, over the cluster's ``interval=0.1``),
+``UPLOADKIT_CLUSTER_STORAGE_TIMEOUT`` (``Storage(timeout=...)``, seconds),
 ``UPLOADKIT_CLUSTER_IDLE_TIMEOUT`` (``Limits.idle_timeout``, seconds; the
 default ``Limits()`` otherwise).
+
+``POST /collide/<policy>`` (``rename``, ``error``, ``dedup``) stores into the
+same storage with that collision policy, under ``<policy>/{filename}``
+(``dedup/{sha256}{ext}`` for ``dedup``): every upload of one filename aims
+at one key.
 """
 
 from __future__ import annotations
@@ -70,10 +76,11 @@ def _store() -> MemcachedStore:
                           retry_after=float(os.environ.get("UPLOADKIT_CLUSTER_RETRY_AFTER", "1.0")))
 
 
-def _storage() -> Storage:
+def _storage(**kw: Any) -> Storage:
     options = json.loads(os.environ.get("UPLOADKIT_CLUSTER_STORAGE_OPTIONS") or "{}")
     return Storage(os.environ["UPLOADKIT_CLUSTER_STORAGE"], storage_options=options,
-                   block_size=int(os.environ.get("UPLOADKIT_CLUSTER_BLOCK_SIZE", str(5 << 20))))
+                   block_size=int(os.environ.get("UPLOADKIT_CLUSTER_BLOCK_SIZE", str(5 << 20))),
+                   timeout=float(os.environ.get("UPLOADKIT_CLUSTER_STORAGE_TIMEOUT", "30")), **kw)
 
 
 STORE = _store()
@@ -85,6 +92,12 @@ _IDLE = os.environ.get("UPLOADKIT_CLUSTER_IDLE_TIMEOUT")
 LIMITS = Limits(idle_timeout=float(_IDLE)) if _IDLE else Limits()
 stored = UploadMiddleware(describe, storage=_storage(), progress=STORE, progress_settings=SETTINGS,
                           progress_path=PROGRESS_PATH, tempdir=TEMPDIR, limits=LIMITS)
+colliding = {
+    policy: UploadMiddleware(describe, storage=_storage(collision=policy, upload_to=template), progress=STORE,
+                             progress_settings=SETTINGS, progress_path=None, tempdir=TEMPDIR, limits=LIMITS)
+    for policy, template in [("rename", "rename/{filename}"), ("error", "error/{filename}"),
+                             ("dedup", "dedup/{sha256}{ext}")]
+}
 local = UploadMiddleware(describe, progress=STORE, progress_settings=SETTINGS, progress_path=None,
                          tempdir=TEMPDIR, memory_threshold=0, limits=LIMITS)
 
@@ -119,4 +132,6 @@ def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         _mark_serving(environ)
     if path == "/upload-local":
         return local(environ, start)
+    if path.startswith("/collide/") and path[9:] in colliding:
+        return colliding[path[9:]](environ, start)
     return stored(environ, start)

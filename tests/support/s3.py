@@ -2,7 +2,8 @@
 
 ``s3_server`` (session) starts :class:`moto.server.ThreadedMotoServer` on a free
 port with dummy credentials in the environment; failing to start it fails the
-test (CI installs ``moto[server]``). ``s3_bucket`` creates a fresh bucket per
+test (CI installs ``moto[server]``); its conditional writes are atomic, as on
+S3 (see :mod:`tests.support.moto_server`). ``s3_bucket`` creates a fresh bucket per
 test. ``s3_options`` are the fsspec ``storage_options`` that reach it, with
 s3fs's instance cache skipped so no test sees another's cached listings.
 """
@@ -74,6 +75,9 @@ class S3Server:
 def s3_server() -> Iterator[S3Server]:
     from moto.server import ThreadedMotoServer
 
+    from tests.support.moto_server import make_conditional_writes_atomic
+
+    make_conditional_writes_atomic()
     saved = {k: os.environ.get(k) for k in DUMMY_ENV}
     os.environ.update(DUMMY_ENV)
     port = free_port()

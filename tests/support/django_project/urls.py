@@ -10,4 +10,5 @@ urlpatterns = [
     path("small/", views.small),
     path("protected/", views.protected),
     path("remote/", views.remote_upload),
+    path("upload/tus/<str:upload_id>", views.tus_finished),
 ]

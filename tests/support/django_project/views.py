@@ -78,3 +78,15 @@ def refused(request: HttpRequest, exc: Any) -> HttpResponse:
     """UPLOADKIT["ERROR_VIEW"] in the tests that set it."""
     return HttpResponse(f"<h1>Upload refused</h1><p>{exc.code}: {exc.message}</p>",
                         content_type="text/html")
+
+
+#: What tus_finished was handed (tus answers the client itself, not with the view's body).
+TUS_SEEN: list = []
+
+
+@csrf_exempt
+def tus_finished(request: HttpRequest, upload_id: str) -> HttpResponse:
+    """Called on the request that completes a tus upload (a PATCH)."""
+    TUS_SEEN.append({"upload_id": upload_id, "method": request.method,
+                     "files": {k: [describe(f) for f in request.FILES.getlist(k)] for k in request.FILES}})
+    return JsonResponse(TUS_SEEN[-1])
