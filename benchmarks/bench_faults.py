@@ -122,6 +122,8 @@ class FaultRun:
     leftovers: Dict[str, int]
     cleanup: str
     after_cleanup: Dict[str, int]
+    #: What cleanup left, named.
+    left_keys: List[str]
     slowloris: List[Tuple[str, float]] = field(default_factory=list)
 
 
@@ -400,7 +402,12 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
                     whose[key] = by_digest.get(moto.sha256(bucket, key), [])
             # Committed by the killed worker, which died before it answered: no reaper knows of it.
             unreaped = [k for k in orphans if any(a.outcome == "dropped (killed worker)" for a in whose[k])]
-            if len(orphans) == len(unreaped) or time.monotonic() - t0 > 30:
+            # Multipart uploads aimed at final keys: the reaper aborts those of refused
+            # uploads once S3 answers; those of the killed worker's uploads stay.
+            aimed = [u for u in moto.pending_uploads(bucket) if "/.uploadkit-tmp/" not in u["Key"]]
+            killed_uploads = sum(1 for a in attempts if a.outcome == "dropped (killed worker)")
+            settled = len(orphans) == len(unreaped) and len(aimed) <= killed_uploads
+            if settled or time.monotonic() - t0 > 30:
                 break
             time.sleep(0.5)
         orphan_wait = time.monotonic() - t0
@@ -424,6 +431,8 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
         keys = moto.keys(bucket, "uploads/")
         still = {"temp keys": sum(1 for k in keys if "/.uploadkit-tmp/" in k),
                  "multipart uploads": len(moto.pending_uploads(bucket)), "temp files": len(cluster.temp_files())}
+        left_keys = sorted(f"multipart upload {up['Key']}" for up in moto.pending_uploads(bucket))
+        left_keys += sorted(f"temp key {k}" for k in keys if "/.uploadkit-tmp/" in k)
         if sorted(k for k in keys if "/.uploadkit-tmp/" not in k) != sorted(final):
             raise RuntimeError("uploadkit cleanup touched a final key")
     proxy.stop()
@@ -434,7 +443,7 @@ def run_faults(workers: int, threads: int, in_flight: int, plan: Plan, idle_time
     if poller.errors:
         ends["dropped"] = len(poller.errors)
     return FaultRun(workers, seconds, attempts, faults, list(poller.latencies), ends, lost, corrupted,
-                    orphans, unanswered, orphan_wait, leftovers, cleanup, still, slow)
+                    orphans, unanswered, orphan_wait, leftovers, cleanup, still, left_keys, slow)
 
 
 def _cleanup(moto: Any, bucket: str, tempdir: str) -> str:
@@ -579,9 +588,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("### What S3 holds\n")
     print("Read from moto directly: every upload answered 2xx, its object's sha256 against the bytes its "
           "client sent. Orphans counted after waiting for the background reaper (up to 30 s, or until only "
-          "orphans no reaper knows of are left). What the "
-          "killed worker and the outages left in the temp area (never under a final key) is for "
-          "`uploadkit cleanup`, run once the load is over with `--older-than 0s`. An orphan \"killed "
+          "orphans no reaper knows of are left, and no more multipart uploads at final keys than the killed "
+          "worker was serving uploads). What the "
+          "killed worker and the outages left unfinished (temp keys; multipart uploads, which are not objects) "
+          "is for "
+          "`uploadkit cleanup`, run once the load is over with `--older-than 0s` (it aborts multipart uploads "
+          "in the temp area only). An orphan \"killed "
           "unanswered\" holds the bytes of an upload the SIGKILLed worker was serving: it committed the file "
           "and died before it answered, so its client saw a dropped connection (and may have sent the file "
           "again). No process is left that knows of it.\n")
@@ -596,6 +608,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for what, keys in (("lost", r.lost), ("corrupted", r.corrupted), ("orphans", r.orphans)):
             if keys:
                 print(f"{r.workers} workers, {what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}\n")
+        if r.left_keys:
+            print(f"{r.workers} workers, left after `uploadkit cleanup`: {', '.join(r.left_keys[:5])}"
+                  f"{' ...' if len(r.left_keys) > 5 else ''}\n")
     print("### Targets\n")
     checks = []
     for r in runs:
