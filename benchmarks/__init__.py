@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence
 #: Benchmark modules run by ``python -m benchmarks``, in order. Each exposes
 #: ``main(argv: list[str]) -> int`` and accepts ``--quick``; missing ones are skipped.
 MODULES = ("bench_parsers", "bench_e2e", "bench_progress", "bench_storage", "bench_imaging", "bench_load",
-           "bench_tus")
+           "bench_faults", "bench_tus")
 
 #: Distributions whose versions head the tables (absent ones are left out).
 DISTRIBUTIONS = ("uploadkit", "multipart", "python-multipart", "Django", "streaming-form-data",

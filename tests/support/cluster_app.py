@@ -16,7 +16,9 @@ Other settings: ``UPLOADKIT_CLUSTER_STORAGE_OPTIONS`` (JSON fsspec options),
 ``UPLOADKIT_CLUSTER_BLOCK_SIZE`` (S3 part size, bytes),
 ``UPLOADKIT_CLUSTER_PROGRESS_SETTINGS`` (JSON keyword arguments of
 ``ProgressSettings``, over the cluster's ``interval=0.1``),
-``UPLOADKIT_CLUSTER_STORAGE_TIMEOUT`` (``Storage(timeout=...)``, seconds).
+``UPLOADKIT_CLUSTER_STORAGE_TIMEOUT`` (``Storage(timeout=...)``, seconds),
+``UPLOADKIT_CLUSTER_IDLE_TIMEOUT`` (``Limits.idle_timeout``, seconds; the
+default ``Limits()`` otherwise).
 
 ``POST /collide/<policy>`` (``rename``, ``error``, ``dedup``) stores into the
 same storage with that collision policy, under ``<policy>/{filename}``
@@ -35,6 +37,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "'cgi' is deprecated", DeprecationWarning)
     import webob  # noqa: F401
 
+from uploadkit.limits import Limits
 from uploadkit.middleware import UploadMiddleware
 from uploadkit.progress import MemcachedStore, ProgressSettings
 from uploadkit.progress import validate_progress_id
@@ -85,16 +88,18 @@ STORE = _store()
 # sees a few hundred writes a second across the cluster.
 SETTINGS = ProgressSettings(**{"interval": 0.1,
                                 **json.loads(os.environ.get("UPLOADKIT_CLUSTER_PROGRESS_SETTINGS") or "{}")})
+_IDLE = os.environ.get("UPLOADKIT_CLUSTER_IDLE_TIMEOUT")
+LIMITS = Limits(idle_timeout=float(_IDLE)) if _IDLE else Limits()
 stored = UploadMiddleware(describe, storage=_storage(), progress=STORE, progress_settings=SETTINGS,
-                          progress_path=PROGRESS_PATH, tempdir=TEMPDIR)
+                          progress_path=PROGRESS_PATH, tempdir=TEMPDIR, limits=LIMITS)
 colliding = {
     policy: UploadMiddleware(describe, storage=_storage(collision=policy, upload_to=template), progress=STORE,
-                             progress_settings=SETTINGS, progress_path=None, tempdir=TEMPDIR)
+                             progress_settings=SETTINGS, progress_path=None, tempdir=TEMPDIR, limits=LIMITS)
     for policy, template in [("rename", "rename/{filename}"), ("error", "error/{filename}"),
                              ("dedup", "dedup/{sha256}{ext}")]
 }
 local = UploadMiddleware(describe, progress=STORE, progress_settings=SETTINGS, progress_path=None,
-                         tempdir=TEMPDIR, memory_threshold=0)
+                         tempdir=TEMPDIR, memory_threshold=0, limits=LIMITS)
 
 
 def _mark_serving(environ: Environ) -> None:
