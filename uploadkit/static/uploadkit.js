@@ -180,6 +180,17 @@
     return { stop: stop };
   }
 
+  // An upload's end, told to its callbacks and to its promise.
+  function settle(opts, resolve, reject, ok, result) {
+    if (ok) {
+      if (opts.onDone) opts.onDone(result);
+      if (resolve) resolve(result);
+    } else {
+      if (opts.onError) opts.onError(result);
+      if (reject) reject(result);
+    }
+  }
+
   function isForm(x) {
     return !!x && typeof x === "object" && String(x.nodeName).toUpperCase() === "FORM";
   }
@@ -214,13 +225,7 @@
       if (finished) return;
       finished = true;
       if (watcher) watcher.stop();
-      if (ok) {
-        if (opts.onDone) opts.onDone(result);
-        if (resolve) resolve(result);
-      } else {
-        if (opts.onError) opts.onError(result);
-        if (reject) reject(result);
-      }
+      settle(opts, resolve, reject, ok, result);
     }
     function fail(result) {
       status.state = "error";
@@ -415,13 +420,7 @@
       finished = true;
       stopWatching();
       if (timer) { clearTimeout(timer); timer = null; }
-      if (ok) {
-        if (opts.onDone) opts.onDone(result);
-        if (resolve) resolve(result);
-      } else {
-        if (opts.onError) opts.onError(result);
-        if (reject) reject(result);
-      }
+      settle(opts, resolve, reject, ok, result);
     }
     function fail(result) {
       status.state = "error";
