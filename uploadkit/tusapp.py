@@ -104,7 +104,10 @@ class TusSettings:
     path: str = "/upload/tus/"
     max_size: Optional[int] = None
     expire_after: float = 24 * 3600.0
-    lock_timeout: float = 30.0
+    # Below the ~9 s tus-js-client and Uppy retry for by default (delays 0, 1,
+    # 3, 5 s, each try waiting lock_wait): a half-open PATCH must free the
+    # upload before its own client gives up. A live PATCH beats 4 times as often.
+    lock_timeout: float = 10.0
     lock_wait: float = 3.0
     directory: Optional[str] = None
     cors_origins: Sequence[str] = ()
