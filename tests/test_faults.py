@@ -341,12 +341,19 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
             with ThreadPoolExecutor(4) as pool:
                 done += list(pool.map(lambda u: settle(cluster.port, run_upload(cluster.port, u)), after))
             finals = {u.progress_id: u.final for u in done}
-            # A refused upload whose copy landed unanswered in the outage is
+            # A refused upload whose copy landed unanswered in the outage, or
+            # whose commit left a multipart upload at its final key, is
             # removed by its worker once S3 answers again, in the background.
             stored = {"uploads/" + u.answer["files"][0]["key"] for u in done if u.status == 200}
+
+            def at_final_keys() -> List[str]:
+                return [u["Key"] for u in moto_process.pending_uploads(bucket)
+                        if not u["Key"].startswith("uploads/.uploadkit-tmp/")]
+
             deadline = time.monotonic() + 30
-            while _orphans(moto_process, bucket, stored) and time.monotonic() < deadline:
+            while (_orphans(moto_process, bucket, stored) or at_final_keys()) and time.monotonic() < deadline:
                 time.sleep(0.2)
+            assert at_final_keys() == [], "a commit's multipart upload outlived the background retry"
             log_tail = cluster.log_tail()
             elapsed = time.monotonic() - started
     finally:

@@ -758,3 +758,34 @@ def test_s3_a_conflicting_conditional_write_is_retried_from_a_new_upload(
         _s3_create(fs, src, f"{s3_bucket}/media/other.bin", len(data), "write-b")
     assert not storage.exists("other.bin")
     assert s3_server.pending_uploads(s3_bucket) == []
+
+
+class LostCreateAnswerS3(ConflictingS3):
+    """s3fs, except that the answer to CreateMultipartUpload is lost on the
+    way back (the connection is reset after S3 created the upload)."""
+
+    def call_s3(self, method: str, **kwargs: Any) -> Any:
+        out = super().call_s3(method, **kwargs)
+        if method == "create_multipart_upload" and self.conflicts:
+            self.conflicts -= 1
+            raise OSError(errno.ECONNRESET, "Connection reset by peer")
+        return out
+
+
+def test_s3_a_create_whose_answer_was_lost_leaves_no_multipart_upload(
+        s3_server: S3Server, s3_bucket: str) -> None:  # noqa: F811
+    """S3 made the multipart upload of a final key but no process learnt its
+    id: it is found by its key and aborted, since cleanup never looks there."""
+    from uploadkit.storage import _s3_create
+
+    storage = Storage(f"s3://{s3_bucket}/media", storage_options=s3_server.options(), block_size=S3_BLOCK)
+    data = data_of(100_000, 5)
+    src, dst = f"{s3_bucket}/media/src.bin", f"{s3_bucket}/media/final.bin"
+    storage.fs.pipe_file(src, data)
+    theirs = s3_server.client().create_multipart_upload(Bucket=s3_bucket, Key="media/final.bin.other")["UploadId"]
+    fs = LostCreateAnswerS3(storage.fs, conflicts=1)
+    with pytest.raises(OSError):
+        _s3_create(fs, src, dst, len(data), "write-a")
+    assert [(u["Key"], u["UploadId"]) for u in s3_server.pending_uploads(s3_bucket)] == [
+        ("media/final.bin.other", theirs)], "only the lost upload, at exactly its key, is aborted"
+    assert not storage.exists("final.bin")

@@ -885,7 +885,12 @@ def _s3_create_once(fs: Any, src: str, dst: str, size: int, write_id: str) -> bo
         except FileExistsError:
             return _s3_written_by(fs, bucket, key, write_id)
         return True
-    upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, Metadata=metadata)["UploadId"]
+    try:
+        upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, Metadata=metadata)["UploadId"]
+    except BaseException as exc:
+        if not _answered(exc):  # it may have been created all the same, with an id we never learnt
+            _s3_abort_unanswered(fs, bucket, key)
+        raise
     try:
         parts = []
         for number, first in enumerate(range(0, size, _COPY_PART), 1):
@@ -903,6 +908,32 @@ def _s3_create_once(fs: Any, src: str, dst: str, size: int, write_id: str) -> bo
         _s3_abort(fs, bucket, key, upload_id)
         raise
     return True
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether S3 answered the call that raised ``exc`` (so it did nothing),
+    rather than the call being cut or timed out (so it may have been done)."""
+    return getattr(exc.__cause__, "response", None) is not None or isinstance(exc, FileNotFoundError)
+
+
+def _s3_abort_unanswered(fs: Any, bucket: str, key: str) -> None:
+    """Abort the multipart uploads at ``key`` after a CreateMultipartUpload
+    whose answer was lost: S3 may hold one that no process knows the id of,
+    at a final key, where ``uploadkit cleanup`` does not look. Any upload at
+    that key is a commit under way (final keys get no other multipart
+    uploads from uploadkit); a concurrent writer's commit to the same key
+    would fail and be refused as storage_unavailable, never stored wrong."""
+    def abort_all() -> None:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
+        for upload in page.get("Uploads", []):
+            if upload["Key"] == key:
+                try:
+                    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                except FileNotFoundError:  # completed or aborted meanwhile
+                    pass
+
+    _REAPER.remove(f"{bucket}/{key}", abort_all, holds="may have an unfinished multipart upload for",
+                   now=not unreachable(fs))
 
 
 def _s3_written_by(fs: Any, bucket: str, key: str, write_id: str) -> bool:
