@@ -366,6 +366,17 @@ class _FsspecAppender(Appender):
                 f.close()
 
 
+def _blocks(f: IO[bytes], size: int = -1) -> Iterator[bytes]:
+    """``f``'s bytes in blocks of READ_BLOCK (the first ``size`` only, when given)."""
+    left = size
+    while left:
+        block = f.read(READ_BLOCK if left < 0 else min(READ_BLOCK, left))
+        if not block:
+            return
+        left -= len(block) if left > 0 else 0
+        yield block
+
+
 class UploadArea:
     """The upload area on a local directory (the default, and local Storage)."""
 
@@ -434,14 +445,8 @@ class UploadArea:
 
     def read(self, upload_id: str, size: int = -1) -> Iterator[bytes]:
         """The stored bytes in blocks (the first ``size`` only, when given)."""
-        left = size
-        with open(self.data_path(upload_id), "rb") as f:
-            while left:
-                block = f.read(READ_BLOCK if left < 0 else min(READ_BLOCK, left))
-                if not block:
-                    return
-                left -= len(block) if left > 0 else 0
-                yield block
+        with self.open_data(upload_id) as f:
+            yield from _blocks(f, size)
 
     def open_data(self, upload_id: str) -> IO[bytes]:
         return open(self.data_path(upload_id), "rb")
@@ -539,16 +544,6 @@ class FsspecUploadArea(UploadArea):
 
     def appender(self, upload_id: str, lease: Any) -> Appender:
         return _FsspecAppender(self.fs, self.data_path(upload_id), lease)
-
-    def read(self, upload_id: str, size: int = -1) -> Iterator[bytes]:
-        left = size
-        with self.fs.open(self.data_path(upload_id), "rb") as f:
-            while left:
-                block = f.read(READ_BLOCK if left < 0 else min(READ_BLOCK, left))
-                if not block:
-                    return
-                left -= len(block) if left > 0 else 0
-                yield block
 
     def open_data(self, upload_id: str) -> IO[bytes]:
         return self.fs.open(self.data_path(upload_id), "rb")  # type: ignore[no-any-return]
