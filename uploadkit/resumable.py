@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
+from .cleanup import _is_s3
 from .errors import StorageUnavailable, UploadError
 from .files import FileInfo, UploadedFile, path_opener
 from .handlers import UploadHandler, write_all
@@ -816,11 +817,6 @@ def area_for(storage: Optional["Storage"], directory: Optional[str], tempdir: Op
             return S3UploadArea(storage, lock_dir)
         raise ValueError(f"resumable uploads to {storage!r} are not supported yet: its backend cannot append")
     return FsspecUploadArea(storage, lock_dir)
-
-
-def _is_s3(fs: Any) -> bool:
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return bool(protocols & {"s3", "s3a"}) and hasattr(fs, "call_s3")
 
 
 def _unlink(path: str) -> None:

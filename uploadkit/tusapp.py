@@ -43,6 +43,7 @@ from .errors import ClientDisconnected, RequestTooLarge, StorageUnavailable, Upl
 from .files import UploadedFile
 from .handlers import HashingHandler, MemoryHandler, TempFileHandler, UploadHandler
 from .limits import Limits
+from .middleware import _content_length
 from .pipeline import Pipeline, RequestContext
 from .progress import NULL_PROGRESS, ProgressListener
 from .reader import _chunks, check_length
@@ -781,14 +782,6 @@ class TusApp:
 
 
 # -- bodies ------------------------------------------------------------------------
-
-
-def _content_length(environ: Environ) -> Optional[int]:
-    raw = environ.get("CONTENT_LENGTH")
-    if raw is None or str(raw).strip() == "":
-        return None
-    raw = str(raw).strip()
-    return int(raw) if raw.isdigit() else -1
 
 
 def _within(chunks: Iterator[bytes], room: Optional[int]) -> Iterator[bytes]:
