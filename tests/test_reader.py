@@ -249,6 +249,37 @@ def test_reads_shrink_for_a_slow_client_so_progress_moves() -> None:
     assert min(stream.asked[:-1]) >= 16 * 1024  # the last read asks only for what is left
 
 
+class _Pace:
+    read_size = 0
+
+
+def test_a_pace_carries_the_read_size_from_one_body_to_the_next() -> None:
+    """A resumable upload's next PATCH starts reading where its client's last
+    one left off, fast or slow, instead of at 64 KiB again."""
+    from uploadkit.progress import NULL_PROGRESS
+    from uploadkit.reader import _chunks
+
+    pace = _Pace()
+    fast = _PacedStream(b"f" * (4 << 20), rate=None)
+    assert b"".join(_chunks(fast, 4 << 20, Limits(), 1 << 20, NULL_PROGRESS, pace=pace)) == b"f" * (4 << 20)
+    assert fast.asked[0] == 64 * 1024 and pace.read_size == 1 << 20
+    again = _PacedStream(b"g" * (3 << 20), rate=None)
+    assert len(b"".join(_chunks(again, 3 << 20, Limits(), 1 << 20, NULL_PROGRESS, pace=pace))) == 3 << 20
+    assert again.asked == [1 << 20] * 3
+    # the client slowed down: its reads shrink, and the next body starts small
+    slow = _PacedStream(b"s" * (2 << 20), rate=2 << 20)
+    list(_chunks(slow, 2 << 20, Limits(), 1 << 20, NULL_PROGRESS, pace=pace))
+    assert pace.read_size <= 128 * 1024, slow.asked
+    after = _PacedStream(b"a" * 100_000, rate=None)
+    list(_chunks(after, 100_000, Limits(), 1 << 20, NULL_PROGRESS, pace=pace))
+    assert after.asked[0] <= 128 * 1024
+    # never above the reader's own read size
+    pace.read_size = 8 << 20
+    capped = _PacedStream(b"c" * (2 << 20), rate=None)
+    list(_chunks(capped, 2 << 20, Limits(), 1 << 20, NULL_PROGRESS, pace=pace))
+    assert capped.asked == [1 << 20] * 2 and pace.read_size == 1 << 20
+
+
 # -- a bare body (PUT /files/photo.png) through the same chain ----------------------------------
 
 

@@ -10,6 +10,7 @@ of an upload it read back (``/replayed/<id>``).
 from __future__ import annotations
 
 import hashlib
+import threading
 import json
 import os
 import socket
@@ -174,3 +175,29 @@ def test_the_cache_is_bounded_and_an_entry_serves_one_offset_once() -> None:
     off = StateCache(0)
     off.put("a", 1, ["sha256"], [hashlib.sha256()])
     assert len(off) == 0
+
+
+def test_an_entry_still_being_hashed_is_waited_for_or_missed() -> None:
+    """A PATCH answers before its hash thread is done; the next request to
+    take the entry joins that thread, and misses (replays) rather than touch
+    hash objects a thread still writes into."""
+    release = threading.Event()
+    h = hashlib.sha256(b"first")
+
+    def finish() -> None:
+        release.wait(5)
+        h.update(b" second")
+
+    busy = threading.Thread(target=finish)
+    busy.start()
+    cache = StateCache(4, join_timeout=0.2)
+    cache.put("a", 12, ["sha256"], [h], busy)
+    assert cache.take("a", 12, ["sha256"]) is None  # still hashing after 0.2 s
+    release.set()
+    busy.join()
+    done = threading.Thread(target=lambda: h.update(b"!"))
+    cache.put("b", 13, ["sha256"], [h], done)
+    done.start()
+    [got] = cache.take("b", 13, ["sha256"]) or []
+    assert not done.is_alive()
+    assert got.hexdigest() == hashlib.sha256(b"first second!").hexdigest()

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -508,6 +509,89 @@ def test_a_cut_first_patch_keeps_even_a_held_head(a: str, b: str) -> None:
     url = create(a, 5000)
     _cut_patch(url, 0, 5000, payload(5000)[:100])
     wait_for(lambda: head(moved(url, b)).headers["Upload-Offset"] == "100", what="the held head")
+
+
+def _info(root: str, endpoint: str, url: str) -> Tuple[int, Dict[str, Any]]:
+    path = os.path.join(root, endpoint, upload_id(url) + ".info")
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_ino, json.loads(f.read())
+
+
+def test_a_steady_clients_patches_leave_the_state_as_it_is(a: str, b: str, root: str) -> None:
+    """Once the head is kept and the reads have found the client's pace, a
+    PATCH within the expiry's one-minute step changes nothing in the state,
+    and does not write it again; the offset is the data's own size."""
+    data = payload(8 * 30_000, seed=12)
+    url = create(a, len(data))
+    seen = []
+    for i in range(8):
+        r = patch(moved(url, b) if i % 2 else url, i * 30_000, data[i * 30_000:(i + 1) * 30_000])
+        assert r.status_code == 204
+        seen.append((_info(root, "plain", url), r.headers["Upload-Expires"]))
+    (inode, state), expires = seen[4]
+    assert state["read_size"] == 1 << 20  # 64 KiB, doubled by each fast PATCH
+    assert len(base64.b64decode(state["head"])) == 8192
+    assert all(s == ((inode, state), expires) for s in seen[5:7]), seen[4:7]  # the same file, untouched
+    assert handed(root, url)[0]["content_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_patches_still_push_the_expiry_back(a: str, root: str) -> None:
+    url = create(a, 1000, "short")  # expire_after 1 s: a step of 0.1 s
+    last = _info(root, "short", url)[1]["expires"]
+    for i in range(3):
+        time.sleep(0.5)
+        assert patch(url, i * 100, payload(100, seed=i)).status_code == 204
+        now = _info(root, "short", url)[1]["expires"]
+        assert now >= last + 0.4
+        last = now
+
+
+def _answer(s: socket.socket, give_up: float, trickle: bool = False) -> Tuple[bytes, float]:
+    """Read the server's answer on ``s`` (sending a byte every 0.4 s while
+    none came, with ``trickle``); the bytes and the seconds it took."""
+    began = time.monotonic()
+    chunks = []
+    while time.monotonic() < began + give_up:
+        ready, _, _ = select.select([s], [], [], 0.4)
+        if ready:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+            if b"\r\n\r\n" in b"".join(chunks) and b"}" in chunks[-1]:
+                break
+        elif trickle and not chunks:
+            try:
+                s.send(b"t")
+            except OSError:
+                pass
+    return b"".join(chunks), time.monotonic() - began
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickling"])
+def test_a_stalled_or_trickling_patch_is_408_and_keeps_what_it_stored(a: str, b: str, root: str,
+                                                                      trickle: bool) -> None:
+    """The client deadlines of a multipart upload hold for a PATCH: a client
+    that stops sending (or sends a byte now and then) cannot hold the worker;
+    it is told 408 and resumes from what was stored."""
+    data = payload(400_000, seed=11)
+    url = create(a, len(data), "slow")
+    s = _cut_patch(url, 0, 300_000, data[:100_000], keep_open=True)
+    try:
+        raw, took = _answer(s, give_up=15, trickle=trickle)
+    finally:
+        s.close()
+    assert raw.startswith(b"HTTP/1.1 408"), raw[:300]
+    assert took < 8  # idle_timeout 1 s; a 128 KiB read at min_rate gets 1 s more
+    assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] == "client_timeout"
+    other = moved(url, b)
+    stored = int(head(other).headers["Upload-Offset"])
+    assert 0 < stored <= 100_000  # what the reads returned before the deadline, never a trickled byte
+    with open(os.path.join(root, "slow", upload_id(url) + ".bin"), "rb") as f:
+        assert f.read() == data[:stored]
+    assert patch(other, stored, data[stored:]).status_code == 204
+    [f] = handed(root, url)
+    assert f["sha256"] == f["content_sha256"] == hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.parametrize("endpoint", ["stale", "mcstale"], ids=["lease-files", "memcached"])

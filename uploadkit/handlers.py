@@ -152,6 +152,11 @@ class _HashWorker(threading.Thread):
         self.queue.put(None)
         self.join()
 
+    def stop_later(self) -> None:
+        """Let the thread end once what is queued is hashed, without waiting
+        for it: whoever uses the hash objects next calls ``join`` first."""
+        self.queue.put(None)
+
 
 class HashingHandler(UploadHandler):
     """Computes sha256 (and md5 on request) while the files stream.

@@ -111,9 +111,15 @@ def _pump(stream: Readable, decoder: MultipartDecoder, pipeline: Pipeline,
     decoder.close()
 
 
+class Pace(Protocol):
+    """Where a body's reads start, kept up to date as they adapt (see ``_chunks``)."""
+
+    read_size: int
+
+
 def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, read_size: int,
             progress: ProgressListener, clock: Optional[ReadClock] = None,
-            framed: bool = True) -> Iterator[bytes]:
+            framed: bool = True, pace: Optional[Pace] = None) -> Iterator[bytes]:
     """The body's chunks, never past CONTENT_LENGTH, counted against the limit.
 
     Read sizes adapt to the client: they double while reads return quickly
@@ -123,6 +129,12 @@ def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, rea
 
     With a ``clock``, each read runs under the client's deadlines.
 
+    With a ``pace``, reads start at ``pace.read_size`` (when set) and leave
+    there the size they reached: a resumable upload's next request starts
+    where its client's last one ended. Starting each 8 MiB PATCH again at
+    64 KiB cost a sixth of the throughput behind gunicorn, whose reader copies
+    the rest of a large ``recv`` again for every small read.
+
     :raises ClientDisconnected: the stream ended early or failed.
     :raises ClientTimeout: the client stalled or trickled (``clock``).
     :raises LengthRequired: an unframed request (see ``framed``) with no body.
@@ -131,7 +143,7 @@ def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, rea
     read = stream.read
     limit = limits.max_request_size
     received = 0
-    size = min(FIRST_READ_SIZE, read_size)
+    size = min(pace.read_size if pace is not None and pace.read_size > 0 else FIRST_READ_SIZE, read_size)
     now = time.monotonic
     while True:
         want = size if content_length is None else min(size, content_length - received)
@@ -157,6 +169,8 @@ def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, rea
             size = max(min(MIN_READ_SIZE, read_size), size // 2)
         elif took < FAST_READ and size < read_size:
             size = min(read_size, size * 2)
+        if pace is not None:
+            pace.read_size = size
         if content_length is not None and len(chunk) > want:
             chunk = chunk[:want]  # a server that hands out more than asked
         received += len(chunk)

@@ -75,6 +75,12 @@ class UploadState:
     head: str = ""
     final_key: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    #: The read size the last PATCH's reads reached (0: none yet), where the
+    #: next PATCH's reads start (see ``uploadkit.reader._chunks``).
+    read_size: int = 0
+    #: The JSON this object was read from or last saved as (not stored): a
+    #: request that changed nothing need not write the state again.
+    stored_as: bytes = field(default=b"", init=False, repr=False, compare=False)
 
     @property
     def head_bytes(self) -> bytes:
@@ -84,12 +90,16 @@ class UploadState:
         self.head = base64.b64encode(data).decode("ascii")
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        data = asdict(self)
+        del data["stored_as"]
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> "UploadState":
         data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        state = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        state.stored_as = raw
+        return state
 
 
 # -- lock --------------------------------------------------------------------------

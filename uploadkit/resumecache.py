@@ -12,12 +12,13 @@ hashed up to, in a small bounded cache:
 * a PATCH that starts where its worker's cached hashes end continues them;
   if it starts at 0 it begins them. It hashes its bytes as they go by and,
   if every byte it hashed is exactly what it stored, caches the hashes at
-  the new offset. A PATCH that leaves the file unfinished hashes inline, on
-  the thread that receives it: behind gunicorn, 256 MiB in 8 MiB PATCHes
-  cost the worker about 17% more CPU than the replay when each PATCH handed
-  its bytes to a hash thread and waited for it at its end, and 9% less
-  hashed inline (benchmarks/bench_tus.py); the PATCH that completes the file hashes as
-  the chain's hashing handler would (on a second core past its threshold);
+  the new offset. Past the hashing handler's threshold the bytes are hashed
+  on a second core, as a multipart file's are, and the PATCH answers without
+  waiting for that thread: the cache entry keeps the thread, and the next
+  request to take the entry joins it first. Waiting at each PATCH's end
+  instead put the hash of the PATCH's last megabytes, and hashing inline
+  put all of it, between one PATCH's answer and the client's next PATCH
+  (benchmarks/bench_tus.py);
 * the completing PATCH, finding hashes for exactly the stored prefix,
   skips the replay: its own bytes finish the digests;
 * in every other case (the previous PATCH went to another worker or another
@@ -57,15 +58,19 @@ class StateCache:
 
     An entry is taken out (not copied) by the request that continues it, so
     two threads never share hash objects, and put back by that request only
-    when what it hashed is what it stored. The oldest entries go first when
-    more than ``size`` uploads are cached; ``size=0`` keeps nothing.
+    when what it hashed is what it stored. An entry may come with the thread
+    still hashing into its objects (``busy``); :meth:`take` waits up to
+    ``join_timeout`` for it, and misses if it is not done by then. The oldest
+    entries go first when more than ``size`` uploads are cached; ``size=0``
+    keeps nothing.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, join_timeout: float = 30.0) -> None:
         if size < 0:
             raise ValueError("the state cache size must be >= 0")
         self.size = size
-        self._entries: "OrderedDict[str, Tuple[int, _Key, List[Any]]]" = OrderedDict()
+        self.join_timeout = join_timeout
+        self._entries: "OrderedDict[str, Tuple[int, _Key, List[Any], Optional[threading.Thread]]]" = OrderedDict()
         self._lock = threading.Lock()
 
     def take(self, upload_id: str, offset: int, algorithms: Sequence[str]) -> Optional[List[Any]]:
@@ -74,13 +79,21 @@ class StateCache:
             entry = self._entries.pop(upload_id, None)
         if entry is None or entry[0] != offset or entry[1] != tuple(algorithms):
             return None
+        busy = entry[3]
+        if busy is not None:
+            busy.join(self.join_timeout)
+            if busy.is_alive():
+                return None  # still hashing: the objects are not ours to touch
         return entry[2]
 
-    def put(self, upload_id: str, offset: int, algorithms: Sequence[str], hashers: List[Any]) -> None:
+    def put(self, upload_id: str, offset: int, algorithms: Sequence[str], hashers: List[Any],
+            busy: Optional[threading.Thread] = None) -> None:
+        """Cache ``hashers`` for the first ``offset`` bytes; ``busy``: the
+        thread still hashing queued bytes into them, which ends by itself."""
         if not self.size:
             return
         with self._lock:
-            self._entries[upload_id] = (offset, tuple(algorithms), hashers)
+            self._entries[upload_id] = (offset, tuple(algorithms), hashers, busy)
             self._entries.move_to_end(upload_id)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
@@ -93,10 +106,10 @@ class CarriedHashing(HashingHandler):
     """A :class:`~uploadkit.handlers.HashingHandler` that continues hash
     objects of the upload's earlier bytes (or starts fresh ones), counts what
     it hashed, and hands its objects back at the end of a PATCH that leaves
-    the file unfinished. ``inline``: never hand chunks to the hash thread."""
+    the file unfinished."""
 
-    def __init__(self, like: HashingHandler, hashers: Optional[List[Any]], inline: bool = False) -> None:
-        super().__init__(sync=like.sync, offload_after=1 << 62 if inline else like.offload_after,
+    def __init__(self, like: HashingHandler, hashers: Optional[List[Any]]) -> None:
+        super().__init__(sync=like.sync, offload_after=like.offload_after,
                          batch_size=like.batch_size, queue_depth=like.queue_depth)
         self.algorithms = list(like.algorithms)
         self.carried = hashers
@@ -114,14 +127,17 @@ class CarriedHashing(HashingHandler):
         self.hashed += len(chunk)
         return super().receive(info, chunk)
 
-    def settle(self) -> Optional[List[Any]]:
-        """Every byte received so far hashed: the hash objects (None if the
-        file never started in this request). The handler is spent after it."""
-        if self._worker is not None:
+    def settle(self) -> Tuple[Optional[List[Any]], Optional[threading.Thread]]:
+        """Every byte received so far queued for hashing: the hash objects
+        (None if the file never started in this request) and the thread still
+        hashing into them, if any, which ends by itself once it is done. The
+        handler is spent after it."""
+        worker = self._worker
+        if worker is not None:
             self._send()
-            self._worker.stop()
+            worker.stop_later()
             self._worker = None
-        return self._hashers if self.started else None
+        return (self._hashers if self.started else None), worker
 
     def close(self, ctx: "RequestContext") -> None:
         # A PATCH that leaves the file unfinished ends without file_end or
@@ -147,17 +163,15 @@ class Resume:
         hashing = self.hashing
         if hashing is None:
             return
-        hashers = hashing.settle()
+        hashers, busy = hashing.settle()
         if hashers is not None and hashing.hashed == appended and stored == self.start + appended:
-            cache.put(upload_id, stored, hashing.algorithms, hashers)
+            cache.put(upload_id, stored, hashing.algorithms, hashers, busy)
 
 
-def plan(chain: Sequence[UploadHandler], cache: StateCache, upload_id: str, stored: int,
-         whole: bool) -> Optional[Resume]:
+def plan(chain: Sequence[UploadHandler], cache: StateCache, upload_id: str, stored: int) -> Optional[Resume]:
     """The chain that continues ``upload_id`` at ``stored`` without a replay,
     or None: the chain has handlers whose state cannot be carried, or this
-    worker does not hold hashes of exactly the first ``stored`` bytes.
-    ``whole``: this request completes the file."""
+    worker does not hold hashes of exactly the first ``stored`` bytes."""
     if not cache.size or any(type(h) not in (SniffingHandler, HashingHandler) for h in chain):
         return None
     hashing = [h for h in chain if type(h) is HashingHandler]
@@ -169,7 +183,7 @@ def plan(chain: Sequence[UploadHandler], cache: StateCache, upload_id: str, stor
     hashers = cache.take(upload_id, stored, base.algorithms) if stored else None
     if stored and hashers is None:
         return None
-    carried = CarriedHashing(base, hashers, inline=not whole)
+    carried = CarriedHashing(base, hashers)
     return Resume([carried if h is base else h for h in chain], carried, stored)
 
 

@@ -8,6 +8,8 @@ other "host").
 ``/png/tus/``     ``allowed_types={"image/png"}``.
 ``/short/tus/``   uploads expire after 1 s.
 ``/stale/tus/``   a silent PATCH loses its lock after 3 s; a PATCH waits 0.2 s for a lock.
+``/slow/tus/``    ``Limits.idle_timeout=1``, ``Limits.min_rate=128 KiB/s``: a PATCH that stalls
+                  or trickles is cut short.
 ``/mcstale/tus/`` the same with the leases in memcached.
 ``/store/tus/``   into ``Storage(<root>/media)``, collision ``rename``; an
                   ``authorize`` hook denies the action named in ``X-Deny``; a
@@ -118,6 +120,7 @@ APPS = {
     "png": _mw("png", limits=Limits(max_file_size=8 << 20, allowed_types=frozenset({"image/png"}))),
     "short": _mw("short", expire_after=1.0),
     "stale": _mw("stale", lock_timeout=3.0, lock_wait=0.2),
+    "slow": _mw("slow", limits=Limits(max_file_size=8 << 20, idle_timeout=1.0, min_rate=131072)),
     "mcstale": _mw("mcstale", lock_timeout=3.0, lock_wait=0.2, lock_store=STORE),
     "store": _mw("store", storage=Storage(os.path.join(ROOT, "media")), authorize=authorize,
                  before_finish=scan),
