@@ -10,10 +10,10 @@ of an upload it read back (``/replayed/<id>``).
 from __future__ import annotations
 
 import hashlib
-import threading
 import json
 import os
 import socket
+import time
 from typing import Any, Iterator, List, Tuple
 from urllib.parse import urlparse
 
@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from tests.support.wsgi import REPO_ROOT, gunicorn
-from uploadkit.resumecache import StateCache
+from uploadkit.resumecache import ParkedWorker, StateCache
 
 T = {"Tus-Resumable": "1.0.0"}
 OCTETS = "application/offset+octet-stream"
@@ -170,34 +170,64 @@ def test_the_cache_is_bounded_and_an_entry_serves_one_offset_once() -> None:
     assert cache.take("b", 10, ["sha256"]) is None  # and the entry is gone
     assert cache.take("c", 10, ["sha256", "md5"]) is None  # other digests
     cache.put("c", 10, ["sha256"], [hashlib.sha256(b"c")])
-    [h] = cache.take("c", 10, ["sha256"]) or []
+    got = cache.take("c", 10, ["sha256"])
+    assert got is not None and got.worker is None
+    [h] = got.hashers
     assert h.hexdigest() == hashlib.sha256(b"c").hexdigest()
     off = StateCache(0)
     off.put("a", 1, ["sha256"], [hashlib.sha256()])
     assert len(off) == 0
 
 
-def test_an_entry_still_being_hashed_is_waited_for_or_missed() -> None:
-    """A PATCH answers before its hash thread is done; the next request to
-    take the entry joins that thread, and misses (replays) rather than touch
-    hash objects a thread still writes into."""
-    release = threading.Event()
-    h = hashlib.sha256(b"first")
+def _batch(hashers: List[Any], data: bytes) -> List[Tuple[List[Any], bytes]]:
+    return [(hashers, data[i:i + 65536]) for i in range(0, len(data), 65536)]
 
-    def finish() -> None:
-        release.wait(5)
-        h.update(b" second")
 
-    busy = threading.Thread(target=finish)
-    busy.start()
-    cache = StateCache(4, join_timeout=0.2)
-    cache.put("a", 12, ["sha256"], [h], busy)
-    assert cache.take("a", 12, ["sha256"]) is None  # still hashing after 0.2 s
-    release.set()
-    busy.join()
-    done = threading.Thread(target=lambda: h.update(b"!"))
-    cache.put("b", 13, ["sha256"], [h], done)
-    done.start()
-    [got] = cache.take("b", 13, ["sha256"]) or []
-    assert not done.is_alive()
-    assert got.hexdigest() == hashlib.sha256(b"first second!").hexdigest()
+def test_a_parked_hash_thread_goes_on_with_the_next_patch() -> None:
+    """A PATCH answers with its bytes still queued on the hash thread; the
+    next PATCH on the worker takes the same thread and queues after them,
+    so the digest is the whole file's in order, and no thread is joined."""
+    data = os.urandom(3 << 20)
+    h = hashlib.sha256()
+    worker = ParkedWorker(depth=8)
+    worker.queue.put(_batch([h], data[:1 << 20]))
+    cache = StateCache(4)
+    cache.put("a", 1 << 20, ["sha256"], [h], worker)
+    got = cache.take("a", 1 << 20, ["sha256"])
+    assert got is not None and got.worker is worker and worker.is_alive()
+    worker.queue.put(_batch(got.hashers, data[1 << 20:]))
+    worker.stop()
+    assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_parked_thread_left_idle_ends_and_its_hashes_stay_good() -> None:
+    data = os.urandom(1 << 20)
+    h = hashlib.sha256()
+    worker = ParkedWorker(depth=8, idle=0.2)
+    worker.queue.put(_batch([h], data))
+    cache = StateCache(4)
+    cache.put("a", len(data), ["sha256"], [h], worker)
+    worker.join(5)
+    assert not worker.is_alive() and worker.retired  # nobody fed it for 0.2 s
+    got = cache.take("a", len(data), ["sha256"])
+    assert got is not None and got.worker is None  # a new thread starts when needed
+    assert got.hashers[0].hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_claimed_thread_never_retires_and_dropped_entries_stop_theirs() -> None:
+    busy = ParkedWorker(depth=8, idle=0.1)
+    time.sleep(0.4)
+    assert busy.is_alive()  # claimed by the request that made it
+    busy.stop()
+    cache = StateCache(1)
+    first, second, other = ParkedWorker(depth=8), ParkedWorker(depth=8), ParkedWorker(depth=8)
+    cache.put("a", 10, ["sha256"], [hashlib.sha256()], first)
+    cache.put("b", 10, ["sha256"], [hashlib.sha256()], second)  # evicts "a"
+    first.join(5)
+    assert not first.is_alive()
+    assert cache.take("b", 11, ["sha256"]) is None  # another offset: a miss, and its thread ends
+    second.join(5)
+    assert not second.is_alive()
+    StateCache(0).put("c", 10, ["sha256"], [hashlib.sha256()], other)  # keeps nothing
+    other.join(5)
+    assert not other.is_alive()

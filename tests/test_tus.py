@@ -594,6 +594,32 @@ def test_a_stalled_or_trickling_patch_is_408_and_keeps_what_it_stored(a: str, b:
     assert f["sha256"] == f["content_sha256"] == hashlib.sha256(data).hexdigest()
 
 
+def test_a_lease_is_checked_again_once_its_recheck_window_has_passed(tmp_path: Any) -> None:
+    """Writes are fenced by a check at most every ``recheck`` seconds (an
+    eighth of the timeout, at most 0.5 s): safe, as a lease can only be taken
+    over once its heartbeat is ``timeout`` old. Here another token is forced
+    into the lease file, which no real request could do that soon, to show
+    where the check happens."""
+    from uploadkit.resumable import FileLease
+    from uploadkit.tus import UploadLocked
+
+    lease = FileLease(str(tmp_path / "locks" / "x.lock"), timeout=0.8)
+    lease.acquire(1.0)
+    assert lease.recheck == pytest.approx(0.1)
+    with lease.fenced():
+        pass  # checked: the token is ours
+    with open(tmp_path / "locks" / "x.lock", "r+b") as f:
+        f.write(b"someoneelse00000 9999999999.000")
+    with lease.fenced():
+        pass  # within the window: not checked again
+    time.sleep(0.15)
+    with pytest.raises(UploadLocked):
+        with lease.fenced():
+            pass
+    assert not lease.held
+    lease.release()
+
+
 @pytest.mark.parametrize("endpoint", ["stale", "mcstale"], ids=["lease-files", "memcached"])
 def test_a_silent_patch_loses_its_lock_to_the_next_request(a: str, b: str, root: str, endpoint: str) -> None:
     data = payload(400_000, seed=6)

@@ -131,16 +131,21 @@ class _HashWorker(threading.Thread):
 
     def run(self) -> None:
         get = self.queue.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            for hashers, chunk in item:
-                for h in hashers:
-                    h.update(chunk)
+        while self._handle(get()):
+            pass
+
+    @staticmethod
+    def _handle(item: "Union[_Batch, threading.Event, None]") -> bool:
+        """Hash one batch (or set a barrier); False on the stop sentinel."""
+        if item is None:
+            return False
+        if isinstance(item, threading.Event):
+            item.set()
+            return True
+        for hashers, chunk in item:
+            for h in hashers:
+                h.update(chunk)
+        return True
 
     def barrier(self) -> None:
         """Wait until everything queued so far is hashed."""
@@ -210,8 +215,11 @@ class HashingHandler(UploadHandler):
         if self._seen >= self.offload_after and self._hashers:
             self._offloading = True
             if self._worker is None:
-                self._worker = _HashWorker(self.queue_depth)
+                self._worker = self._new_worker()
         return chunk
+
+    def _new_worker(self) -> _HashWorker:
+        return _HashWorker(self.queue_depth)
 
     def _send(self) -> None:
         if self._batch and self._worker is not None:
