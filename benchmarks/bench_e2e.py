@@ -143,11 +143,7 @@ class Server:
                            f"{self.log_tail()}")
 
     def log_tail(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read()[-500:].decode("utf-8", "replace").strip()
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     def workers(self) -> List[int]:
         """The worker PIDs: the master forks them, so they are its children."""
@@ -162,18 +158,7 @@ class Server:
 
     def worker_cpu_seconds(self) -> Optional[Tuple[float, float]]:
         """User and system time the workers used so far, all threads."""
-        user = system = 0.0
-        found = False
-        for pid in self.workers():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            user += int(fields[11]) / _CLOCK_TICKS  # utime
-            system += int(fields[12]) / _CLOCK_TICKS  # stime
-            found = True
-        return (user, system) if found else None
+        return cpu_seconds(self.workers())
 
     def worker_peak_rss_kib(self) -> Optional[int]:
         """VmHWM of the worker(s)."""
@@ -201,25 +186,56 @@ class Server:
 
     def _stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
+        if proc is not None:
+            stop_group(proc)
+
+
+def log_tail(path: str) -> str:
+    """The last 500 bytes of a server's log, for error messages."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()[-500:].decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def cpu_seconds(pids: List[int]) -> Optional[Tuple[float, float]]:
+    """User and system time these processes used so far (all their threads), or None."""
+    user = system = 0.0
+    found = False
+    for pid in pids:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=15)
-        # Workers outlive a dead master for a moment: make sure the group is gone.
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) / _CLOCK_TICKS  # utime
+        system += int(fields[12]) / _CLOCK_TICKS  # stime
+        found = True
+    return (user, system) if found else None
+
+
+def stop_group(proc: "subprocess.Popen[bytes]") -> None:
+    """SIGTERM to the process group ``proc`` leads (its session), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+        except ProcessLookupError:
             pass
+        proc.wait(timeout=15)
+    # Children outlive a dead leader for a moment (gunicorn's workers): make sure the group is gone.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 @dataclass

@@ -33,7 +33,6 @@ import os
 import random
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 from . import MB, environment_line, fmt_rate, fmt_ratio, log, md_table, median, sigterm_as_exit, verdict, versions
-from .bench_e2e import _CLOCK_TICKS, App, Server
+from .bench_e2e import App, Server, cpu_seconds, log_tail, stop_group
 
 MiB = 1 << 20
 CHUNK = 8 * MiB
@@ -135,38 +134,19 @@ class NodeServer:
         self.port = int(line.split()[1])
 
     def log_tail(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read()[-500:].decode("utf-8", "replace").strip()
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     def workers(self) -> List[int]:
         return [self.proc.pid] if self.proc is not None else []
 
     def worker_cpu_seconds(self) -> Optional[Tuple[float, float]]:
-        if self.proc is None:
-            return None
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
+        return cpu_seconds(self.workers())
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_group(proc)
         if proc.stdout is not None:
             proc.stdout.close()
 

@@ -145,40 +145,42 @@ def _chunks(stream: Readable, content_length: Optional[int], limits: Limits, rea
     received = 0
     size = min(pace.read_size if pace is not None and pace.read_size > 0 else FIRST_READ_SIZE, read_size)
     now = time.monotonic
-    while True:
-        want = size if content_length is None else min(size, content_length - received)
-        if want <= 0:
-            return
-        started = now()
-        try:
-            chunk = read(want) if clock is None else clock.read(read, want, received)
-        except UploadError:
-            raise
-        except (OSError, ValueError) as exc:  # socket reset, timeout, closed input
-            raise ClientDisconnected(
-                f"reading the body failed after {received} bytes: {exc}") from None
-        if not chunk:
-            if content_length is not None:
+    try:
+        while True:
+            want = size if content_length is None else min(size, content_length - received)
+            if want <= 0:
+                return
+            started = now()
+            try:
+                chunk = read(want) if clock is None else clock.read(read, want, received)
+            except UploadError:
+                raise
+            except (OSError, ValueError) as exc:  # socket reset, timeout, closed input
                 raise ClientDisconnected(
-                    f"the body ended after {received} of {content_length} bytes")
-            if received == 0 and not framed:
-                raise LengthRequired(_NO_LENGTH)
-            return
-        took = now() - started
-        if took > SLOW_READ:
-            size = max(min(MIN_READ_SIZE, read_size), size // 2)
-        elif took < FAST_READ and size < read_size:
-            size = min(read_size, size * 2)
-        if pace is not None:
+                    f"reading the body failed after {received} bytes: {exc}") from None
+            if not chunk:
+                if content_length is not None:
+                    raise ClientDisconnected(
+                        f"the body ended after {received} of {content_length} bytes")
+                if received == 0 and not framed:
+                    raise LengthRequired(_NO_LENGTH)
+                return
+            took = now() - started
+            if took > SLOW_READ:
+                size = max(min(MIN_READ_SIZE, read_size), size // 2)
+            elif took < FAST_READ and size < read_size:
+                size = min(read_size, size * 2)
+            if content_length is not None and len(chunk) > want:
+                chunk = chunk[:want]  # a server that hands out more than asked
+            received += len(chunk)
+            if limit is not None and received > limit:
+                raise RequestTooLarge(
+                    f"the request is larger than the limit of {format_size(limit)}", limit=limit)
+            progress.advance(received, content_length)
+            yield chunk if type(chunk) is bytes else bytes(chunk)
+    finally:
+        if pace is not None:  # where this body's reads ended, for the next body
             pace.read_size = size
-        if content_length is not None and len(chunk) > want:
-            chunk = chunk[:want]  # a server that hands out more than asked
-        received += len(chunk)
-        if limit is not None and received > limit:
-            raise RequestTooLarge(
-                f"the request is larger than the limit of {format_size(limit)}", limit=limit)
-        progress.advance(received, content_length)
-        yield chunk if type(chunk) is bytes else bytes(chunk)
 
 
 def read_raw(stream: Readable, *, filename: str, content_type: str = "",

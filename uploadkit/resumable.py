@@ -488,11 +488,24 @@ class UploadArea:
             raise StorageUnavailable(f"cannot read an upload's state: {exc}") from None
 
     def save(self, state: UploadState) -> None:
-        path = self._p(state.id, ".info")
+        """Write the state, unless it is what was read or last written.
+
+        Most PATCHes change nothing in it (the offset is the data's own size):
+        writing and renaming it cost an 8 MiB PATCH about 0.3 ms on ext4, a
+        small one a third of its time.
+        """
+        data = state.to_json()
+        if data == state.stored_as:
+            return
+        self._write_state(state.id, data)
+        state.stored_as = data
+
+    def _write_state(self, upload_id: str, data: bytes) -> None:
+        path = self._p(upload_id, ".info")
         tmp = f"{path}.{secrets.token_hex(4)}.new"
         try:
             with open(tmp, "wb") as f:
-                f.write(state.to_json())
+                f.write(data)
             os.replace(tmp, path)  # readers see the old state or the new, never half of one
         except OSError as exc:
             _unlink(tmp)
@@ -592,9 +605,9 @@ class FsspecUploadArea(UploadArea):
         except Exception as exc:
             raise StorageUnavailable(f"cannot read an upload's state: {type(exc).__name__}") from None
 
-    def save(self, state: UploadState) -> None:
+    def _write_state(self, upload_id: str, data: bytes) -> None:
         try:
-            self.fs.pipe_file(self._p(state.id, ".info"), state.to_json())
+            self.fs.pipe_file(self._p(upload_id, ".info"), data)
         except Exception as exc:
             raise StorageUnavailable(f"cannot save an upload's state: {type(exc).__name__}") from None
 

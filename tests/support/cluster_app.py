@@ -42,6 +42,7 @@ from uploadkit.middleware import UploadMiddleware
 from uploadkit.progress import MemcachedStore, ProgressSettings
 from uploadkit.progress import validate_progress_id
 from uploadkit.storage import Storage
+from tests.support.served import json_answer as _json
 
 Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -49,12 +50,6 @@ StartResponse = Callable[..., Any]
 TEMPDIR = os.environ.get("UPLOADKIT_CLUSTER_TEMPDIR") or None
 STATEDIR = os.environ.get("UPLOADKIT_CLUSTER_STATEDIR") or None
 PROGRESS_PATH = "/upload/progress"
-
-
-def _json(start_response: StartResponse, payload: Any, status: str = "200 OK") -> List[bytes]:
-    body = json.dumps(payload).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-    return [body]
 
 
 def describe(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:

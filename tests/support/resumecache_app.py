@@ -19,7 +19,7 @@ import json
 import os
 import warnings
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Iterator, List
+from typing import Any, Callable, Dict, Iterable, Iterator
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "'cgi' is deprecated", DeprecationWarning)
@@ -28,6 +28,7 @@ with warnings.catch_warnings():
 from uploadkit.middleware import UploadMiddleware
 from uploadkit.storage import Storage
 from uploadkit.tusapp import UPLOAD_ID_KEY, TusSettings
+from tests.support.served import json_answer as _json
 
 Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -36,12 +37,6 @@ ROOT = os.environ["UPLOADKIT_RC_ROOT"]
 HANDED = os.path.join(ROOT, "handed")
 os.makedirs(HANDED, exist_ok=True)
 REPLAYED: "Counter[str]" = Counter()
-
-
-def _json(start_response: StartResponse, payload: Any, status: str = "200 OK") -> List[bytes]:
-    body = json.dumps(payload).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-    return [body]
 
 
 def describe(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:

@@ -45,6 +45,7 @@ from uploadkit.middleware import UploadMiddleware
 from uploadkit.progress import MemcachedStore, ProgressSettings
 from uploadkit.storage import Storage
 from uploadkit.tusapp import UPLOAD_ID_KEY, TusSettings
+from tests.support.served import json_answer as _json
 
 Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -52,12 +53,6 @@ StartResponse = Callable[..., Any]
 ROOT = os.environ["UPLOADKIT_TUS_ROOT"]
 HANDED = os.path.join(ROOT, "handed")
 os.makedirs(HANDED, exist_ok=True)
-
-
-def _json(start_response: StartResponse, payload: Any, status: str = "200 OK") -> List[bytes]:
-    body = json.dumps(payload).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-    return [body]
 
 
 def describe(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
