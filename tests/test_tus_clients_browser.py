@@ -250,6 +250,56 @@ def test_uppy_survives_a_dropped_connection_and_uploads_in_parallel(
     assert page.js_errors == []
 
 
+# Uppy's own pause button: pauseResume() on a file once ``pauseAt`` bytes are sent,
+# and again 300 ms later.
+UPPY_PAUSED = """async ({pauseAt}) => {
+  const uppy = new Uppy.Uppy({autoProceed: false});
+  uppy.use(Uppy.Tus, {endpoint: '/upload/tus/', retryDelays: [0, 500, 1000, 2000, 3000]});
+  const file = document.getElementById('probe').files[0];
+  const id = uppy.addFile({name: file.name, type: file.type || 'application/octet-stream', data: file});
+  window.__events = [];
+  let paused = false;
+  uppy.on('upload-progress', (f, progress) => {
+    if (!paused && progress.bytesUploaded >= pauseAt) {
+      paused = true;
+      window.__events.push(['pause', uppy.pauseResume(id), progress.bytesUploaded]);
+      setTimeout(() => window.__events.push(['resume', uppy.pauseResume(id)]), 300);
+    }
+  });
+  const result = await uppy.upload();
+  return {ok: result.successful.map((f) => [f.name, f.uploadURL]),
+          failed: result.failed.map((f) => [f.name, String(f.error)])};
+}"""
+
+
+def test_uppy_pauses_and_resumes(demo: Any, page: Any, scripts: Dict[str, str], tmp_path: Any) -> None:  # noqa: F811
+    path = _file(tmp_path, "uppy-paused.bin", 6 * MiB)
+    answers = _log(page)
+    _open(page, demo.url + "/", scripts["uppy"], path)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": 4 * MiB})
+    result = page.evaluate(UPPY_PAUSED, {"pauseAt": 2 * MiB})
+    assert result["failed"] == [] and len(result["ok"]) == 1, result
+    # pauseResume() answers whether the file is paused now: first yes, then no.
+    events = page.evaluate("window.__events")
+    assert [e[:2] for e in events] == [["pause", True], ["resume", False]], events
+    stored = _stored(demo, result["ok"][0][1])
+    assert stored["stored_sha256"] == stored["sha256"] == _sha256_of(path)
+    assert stored["filename"] == "uppy-paused.bin"
+    # The pause aborted the one PATCH partway; the resume asked for the offset and sent the rest.
+    heads = [i for i, a in enumerate(answers) if a["method"] == "HEAD"]
+    assert heads, answers
+    held = int(answers[heads[0]]["offset"])
+    assert 0 < held < os.path.getsize(path), answers
+    rest = [a for a in answers[heads[0]:] if a["method"] == "PATCH" and a["status"] == 204]
+    assert rest and rest[0]["sent_offset"] == str(held), answers
+    assert rest[-1]["offset"] == str(os.path.getsize(path)), answers
+    assert len([a for a in answers if a["method"] == "POST"]) == 1, answers  # the same upload, not a new one
+    assert page.js_errors == []
+
+
 UPLOADKIT_UPLOAD = """async ({endpoint, chunk}) => await new Promise((resolve, reject) => {
   uploadkit.upload(document.getElementById('probe').files[0], {
     tus: endpoint, chunkSize: chunk, retryDelays: [0, 200, 400], progress: false,
