@@ -18,7 +18,8 @@ The body is generated while it is read (a seeded 1 MiB block repeated), so a
 256 MiB run needs no 256 MiB of memory or disk. The benchmark starts its own
 memcached on a free 127.0.0.1 port and stops it at the end. Runs go round-robin
 over the variants; the best run (and the median) is reported. The target: throttled progress
-over memcached costs under 3 % of the baseline's throughput.
+over memcached costs under 3 % of the baseline's throughput, judged on the median of each round's
+ratio to the baseline (the two measured one after the other in that round).
 
 Usage::
 
@@ -174,17 +175,27 @@ def _store_calls(listener: Any) -> Optional[int]:
     return None
 
 
+def _heavy_runs(runs: int) -> int:
+    """Runs of the get+set variant: 1.8 s each, and far off the target either way."""
+    return max(1, min(3, runs))
+
+
 def run(size: int, runs: int, read_size: int, address: str) -> Dict[str, Dict[str, Any]]:
     from uploadkit.reader import read_multipart
 
     block = random.Random(SEED).randbytes(1 * MiB)
     variants = _listeners(address)
     results: Dict[str, Dict[str, Any]] = {name: {"rates": [], "calls": None} for name in variants}
-    names = list(variants)
-    for i in range(runs):
+    # The get+set variant runs after the rounds, not among them: its 1.8 s of
+    # memcached round trips slowed whichever run came next by up to 15 %.
+    names = [name for name in variants if "per 64" not in name]
+    heavy = [name for name in variants if "per 64" in name]
+    order = [names[i % len(names):] + names[:i % len(names)] for i in range(runs)]
+    order += [heavy] * _heavy_runs(runs)
+    for i, round_names in enumerate(order):
         # Round-robin, starting one further each run: load bursts and warm-up
         # effects hit every variant alike.
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in round_names:
             make = variants[name]
             body = GeneratedBody(size, block)
             listener = make(f"bench-{i}-{abs(hash(name)) % 10_000}")
@@ -195,9 +206,9 @@ def run(size: int, runs: int, read_size: int, address: str) -> Dict[str, Dict[st
             pipe.close()
             results[name]["rates"].append(body.length / elapsed / MB)
             results[name]["calls"] = _store_calls(listener)
-            log(f"[progress] run {i + 1}/{runs} {name}: {body.length / elapsed / MB:,.0f} MB/s")
+            log(f"[progress] run {i + 1}/{len(order)} {name}: {body.length / elapsed / MB:,.0f} MB/s")
     for name, make in variants.items():
-        results[name]["replay"] = replay_cost(make, size, read_size, 20 if "per 64" in name else 200)
+        results[name]["replay"] = replay_cost(make, size, read_size, 2 if "per 64" in name else 200)
     return results
 
 
@@ -240,7 +251,13 @@ def report(results: Dict[str, Dict[str, Any]], size: int, runs: int, read_size: 
                      f"{(1 - ratio) * 100:+.1f} %" if name != "none" else "",
                      "" if calls is None else f"{calls:,}"])
     throttled = max(results["throttled / memcached"]["rates"]) / base
-    ok = (1 - throttled) < TARGET_OVERHEAD
+    # Judged on each round's own ratio (the two ran one after the other, so a
+    # drift in the machine's speed between rounds cancels), the median of them:
+    # a run is about 50 ms, and the best of each side alone moved by more than
+    # the 3 % the target allows from one full run to the next.
+    paired = median([m / n for m, n in zip(results["throttled / memcached"]["rates"], results["none"]["rates"])])
+    ok = (1 - paired) < TARGET_OVERHEAD
+    in_memory = median([m / n for m, n in zip(results["throttled / memory"]["rates"], results["none"]["rates"])])
     upload_time = size / (base * MB)
     replays = [f"{name}: {r['replay'] * 1e6:,.0f} µs ({r['replay'] / upload_time:.2%})"
                for name, r in results.items() if name != "none"]
@@ -248,7 +265,8 @@ def report(results: Dict[str, Dict[str, Any]], size: int, runs: int, read_size: 
         "## Progress overhead (bench_progress)",
         "",
         f"One {size // MiB:,} MiB file read in process through `read_multipart` "
-        f"({read_size // KiB:,} KiB reads) into a discarding sink; best and median of {runs} runs. "
+        f"({read_size // KiB:,} KiB reads) into a discarding sink; best and median of {runs} runs "
+        f"(get+set per 64 KiB: {_heavy_runs(runs)}, after the others, as it slows the run that follows it). "
         f"{environment_line()}. {versions()}.",
         "",
         md_table(["progress", "MB/s (best)", "MB/s (median)", "vs none", "overhead", "store calls"],
@@ -257,8 +275,12 @@ def report(results: Dict[str, Dict[str, Any]], size: int, runs: int, read_size: 
         "### Targets",
         "",
         md_table(["measure", "value", "target", "result"],
-                 [["throttled progress over memcached, overhead", f"{(1 - throttled) * 100:+.1f} %",
-                   f"< {TARGET_OVERHEAD:.0%}", "PASS" if ok else "MISS"]], "lrll"),
+                 [["throttled progress over memcached, overhead (median of each round's ratio)",
+                   f"{(1 - paired) * 100:+.1f} %", f"< {TARGET_OVERHEAD:.0%}", "PASS" if ok else "MISS"],
+                  ["the same, best run against best run", f"{(1 - throttled) * 100:+.1f} %", "", "info"],
+                  ["throttled progress in memory, overhead (median of each round's ratio)",
+                   f"{(1 - in_memory) * 100:+.1f} %", "", "info"]],
+                 "lrll"),
         "",
         "Listener calls of one upload replayed alone (cost per upload, and its share of the "
         "baseline upload time; noise-free, unlike the short runs above): " + "; ".join(replays) + ".",
@@ -271,11 +293,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_progress", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="64 MiB and 5 runs (a smoke check)")
     parser.add_argument("--size-mib", type=int, help="file size in MiB (default 256; 64 with --quick)")
-    parser.add_argument("--runs", type=int, help="runs per variant (default 9; 5 with --quick)")
+    parser.add_argument("--runs", type=int, help="runs per variant (default 31; 5 with --quick)")
     parser.add_argument("--read-kib", type=int, default=1024, help="read size in KiB (default 1024, as the middleware)")
     args = parser.parse_args(argv)
     size = (args.size_mib or (64 if args.quick else 256)) * MiB
-    runs = args.runs or (5 if args.quick else 9)
+    runs = args.runs or (5 if args.quick else 31)
     read_size = args.read_kib * KiB
     with sigterm_as_exit():
         proc, address = start_memcached()

@@ -1119,3 +1119,29 @@ def test_new_settings_are_validated() -> None:
         ProgressSettings(sse_max_streams=-1)
     with pytest.raises(ValueError, match="sse_start_wait"):
         ProgressSettings(sse_start_wait=0)
+
+
+def test_reads_between_writes_skip_the_throttle_and_still_get_written() -> None:
+    # Real clock, so the flusher runs: between two writes a read returns before
+    # the lock (the flusher already looks at the throttle's next chance), and
+    # the count of the last reads is written by the flusher once it may be.
+    store = RecordingStore()
+    p = StoreProgress(store, "fast-1", ProgressSettings(interval=0.05, min_percent=0))
+    p.start(ctx(100_000_000))
+    received = 0
+    calls = 0
+    until = time.monotonic() + 0.3
+    while time.monotonic() < until:
+        received += 1000
+        calls += 1
+        p.advance(received, 100_000_000)
+    deadline = time.monotonic() + 2.0
+    while store.writes[-1][1]["received"] != received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    counts = [w[1]["received"] for w in store.writes]
+    assert counts[-1] == received, counts
+    assert counts == sorted(counts)
+    # Throttled: one write at the start, then about one per 50 ms, not one per read.
+    assert 3 <= len(counts) <= 0.3 / 0.05 + 4 < calls, (len(counts), calls)
+    p.done(ctx(100_000_000))
+    assert store.writes[-1][1]["state"] == "done"
