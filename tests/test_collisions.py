@@ -111,7 +111,7 @@ def _stored(moto: MotoProcess, bucket: str, prefix: str) -> Dict[str, bytes]:
 
 
 def _nothing_left(moto: MotoProcess, bucket: str, clusters: List[Cluster]) -> None:
-    assert moto.keys(bucket, "uploads/.uploadkit-tmp/") == {}
+    assert moto.temp_area_emptied(bucket) == {}
     assert moto.pending_uploads(bucket) == []
     for cluster in clusters:
         assert cluster.temp_files() == []

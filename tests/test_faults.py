@@ -106,7 +106,7 @@ def test_clients_disconnecting_at_random_offsets_leave_nothing(
         assert final["state"] == "error", (u.index, u.answer, final)
         assert final["error"]["code"] == "client_disconnected", (u.index, u.answer, final)
     check_stored(moto_process, bucket, [u for u in good if paths[u.progress_id] == "/upload"])
-    assert moto_process.keys(bucket, "uploads/.uploadkit-tmp/") == {}
+    assert moto_process.temp_area_emptied(bucket) == {}
     assert moto_process.pending_uploads(bucket) == []
     assert temp_files == []
 
@@ -390,7 +390,7 @@ def test_s3_outage_mid_load_is_503_and_cleanup_reclaims_what_it_left(
     summary = re.search(r"cleanup: (\d+) removed, (\d+) failed", out)
     assert summary is not None, out
     assert int(summary.group(1)) <= sum(left) and summary.group(2) == "0", out
-    assert moto_process.keys(bucket, "uploads/.uploadkit-tmp/") == {}
+    assert moto_process.temp_area_emptied(bucket) == {}
     assert moto_process.pending_uploads(bucket) == []
     check_stored(moto_process, bucket, ok)
 

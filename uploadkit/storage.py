@@ -449,6 +449,13 @@ class PendingWrite:
     deduplicated: bool = False
     #: Bytes written so far.
     size: int = 0
+    #: Leave what a commit no longer needs (an object store's temp key, once
+    #: copied) for :meth:`tidy`, instead of removing it inside :meth:`commit`.
+    #: The upload sink sets it and tidies once the response is sent: the file
+    #: is then under its key for one S3 round trip less before the client is
+    #: told, so a worker killed in between leaves a temp key for
+    #: ``uploadkit cleanup`` instead of a file nobody was told of.
+    tidy_later: bool = False
 
     def __init__(self, storage: "Storage", key: Optional[str], collision: Collision) -> None:
         self.storage = storage
@@ -523,6 +530,9 @@ class PendingWrite:
             return
         self._state = "discarded"
         self._discard()
+
+    def tidy(self) -> None:
+        """Remove what :meth:`commit` left under ``tidy_later``. Idempotent; never raises."""
 
     def __enter__(self) -> "PendingWrite":
         return self
@@ -651,6 +661,8 @@ class _FsspecPendingWrite(PendingWrite):
 
     #: The final path while a copy to it is under way (see ``_move``).
     _placing: Optional[str] = None
+    #: The final path of a commit whose temp key waits for :meth:`tidy`.
+    _stored_at: Optional[str] = None
 
     def __init__(self, storage: "Storage", key: Optional[str], collision: Collision) -> None:
         super().__init__(storage, key, collision)
@@ -721,11 +733,34 @@ class _FsspecPendingWrite(PendingWrite):
         fs.copy(self._tmp, path)
         self._placing = None
         fs.invalidate_cache(path)
+        self._placed(path)
+
+    def _placed(self, path: str) -> None:
+        """The bytes are under ``path``: the temp key goes now, or at :meth:`tidy`."""
+        if self.tidy_later:
+            self._stored_at = path
+            return
         try:
-            fs.rm_file(self._tmp)
+            self.storage.fs.rm_file(self._tmp)
         except BACKEND_ERRORS as exc:
             log.warning("uploadkit: stored %r but could not remove its temp key %r (%s);"
                         " `uploadkit cleanup` removes it", path, self._tmp, _reason(exc))
+
+    def tidy(self) -> None:
+        path, self._stored_at = self._stored_at, None
+        if path is None:
+            return
+        fs, tmp = self.storage.fs, self._tmp
+        if unreachable(fs):  # just missed a deadline: not again on this thread
+            _REAPER.add(tmp, functools.partial(fs.rm_file, tmp))
+            return
+        try:
+            fs.rm_file(tmp)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            log.warning("uploadkit: stored %r but could not remove its temp key %r (%s);"
+                        " `uploadkit cleanup` removes it", path, tmp, _reason(exc))
 
     def _create_s3(self, path: str) -> bool:
         """Create ``path`` from the temp key only if no object has that key:
@@ -742,11 +777,7 @@ class _FsspecPendingWrite(PendingWrite):
         self._placing = None
         fs.invalidate_cache(path)
         if created:
-            try:
-                fs.rm_file(self._tmp)
-            except BACKEND_ERRORS as exc:
-                log.warning("uploadkit: stored %r but could not remove its temp key %r (%s);"
-                            " `uploadkit cleanup` removes it", path, self._tmp, _reason(exc))
+            self._placed(path)
         return created
 
     @property
@@ -1342,9 +1373,10 @@ class StorageHandler(UploadHandler):
     Each chunk is written to a pending write as it arrives (no local temp
     file first). ``file_end`` returns the :class:`~uploadkit.files.UploadedFile`
     (its ``key``/``url``/``path`` are final once the request is committed);
-    ``request_end`` commits every file; ``abort`` discards pending writes and
-    removes files this request had already committed (except overwritten ones,
-    whose old content is gone anyway).
+    ``request_end`` commits every file; ``close`` (the response is sent)
+    removes the temp keys an object store's commits copied from; ``abort``
+    discards pending writes and removes files this request had already
+    committed (except overwritten ones, whose old content is gone anyway).
     """
 
     def __init__(self, storage: Storage) -> None:
@@ -1370,6 +1402,7 @@ class StorageHandler(UploadHandler):
             if storage.collision == "error" and storage.exists(self._key):
                 raise FileExists(f"storage key {self._key!r} is already taken", field=info.field_name)
         self._current = storage.begin_write(self._key)
+        self._current.tidy_later = True  # see close()
         return None
 
     def receive(self, info: FileInfo, chunk: bytes) -> Optional[bytes]:
@@ -1411,11 +1444,19 @@ class StorageHandler(UploadHandler):
             uploaded.path = storage.path(final)
             uploaded.deduplicated = pending.deduplicated
 
+    def close(self, ctx: "RequestContext") -> None:
+        # The response is sent: what the commits left behind goes now, after
+        # the client was told where its files are.
+        for pending, _, _ in self._files:
+            pending.tidy()
+        self._files.clear()
+
     def abort(self, ctx: "RequestContext", exc: Optional[BaseException]) -> None:
         pending, self._current = self._current, None
         if pending is not None:
             pending.discard()
         for pending, _, _ in self._files:
+            pending.tidy()
             if not pending.done:
                 pending.discard()
             # A committed content-addressed file may already be shared: another

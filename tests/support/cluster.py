@@ -142,6 +142,19 @@ class MotoProcess:
             out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
         return out
 
+    def temp_area_emptied(self, bucket: str, prefix: str = "uploads/.uploadkit-tmp/",
+                          timeout: float = 10.0) -> Dict[str, int]:
+        """Wait (at most ``timeout``) until no key is left under ``prefix``; what is left then.
+
+        A committed upload's temp key is removed once its response is sent,
+        so a client can list the bucket an instant before it goes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self.keys(bucket, prefix)
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.05)
+
     def pending_uploads(self, bucket: str) -> List[Dict[str, Any]]:
         return list(self.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []))
 
