@@ -92,6 +92,16 @@ def median(values: List[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def paired_median(ours: Sequence[float], theirs: Sequence[float]) -> Optional[float]:
+    """The median of each round's ratio ``ours[i] / theirs[i]``: the two were
+    measured in the same round, seconds apart, so a drift in the machine's
+    speed between rounds (a shared VM's) cancels out of it. None unless both
+    have a figure for every round."""
+    if not ours or len(ours) != len(theirs):
+        return None
+    return statistics.median([a / b for a, b in zip(ours, theirs)])
+
+
 def fmt_rate(value: Optional[float]) -> str:
     if value is None or value != value:
         return "n/a"

@@ -38,6 +38,7 @@ from . import (
     log,
     md_table,
     median,
+    paired_median,
     sigterm_as_exit,
     verdict,
     versions,
@@ -353,12 +354,10 @@ def report(results: Sequence[Result], size: int, runs: int, quick: bool) -> str:
     checks = []
 
     def paired(a: str, b: str) -> Optional[float]:
-        """The median of each round's ratio: the two uploads of a round ran
-        seconds apart, so the machine's drift between rounds cancels."""
         ra, rb = by_key.get(a), by_key.get(b)
-        if ra is None or rb is None or ra.error or rb.error or not ra.mbps or len(ra.mbps) != len(rb.mbps):
+        if ra is None or rb is None or ra.error or rb.error:
             return None
-        return median([x / y for x, y in zip(ra.mbps, rb.mbps)])
+        return paired_median(ra.mbps, rb.mbps)
 
     def check(name: str, a: str, b: str, target: Optional[float]) -> None:
         value, judged = ratio(a, b), paired(a, b)

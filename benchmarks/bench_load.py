@@ -48,7 +48,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import MB, environment_line, fmt_ratio, log, md_table, median, sigterm_as_exit, verdict, versions
+from . import (
+    MB, environment_line, fmt_ratio, log, md_table, median, paired_median, sigterm_as_exit, verdict, versions,
+)
 from .apps import TMPDIR_ENV
 
 KiB = 1024
@@ -246,11 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "peak RSS MiB", "failed"], rows, align="lrrrrrrrrr"))
     print()
     def paired(ours: str, theirs: str) -> Optional[float]:
-        """The median of each round's ratio: the two ran one after the other in it."""
-        a, b = runs.get((ours, TARGET_WORKERS)), runs.get((theirs, TARGET_WORKERS))
-        if not a or not b:
-            return None
-        return median([x.uploads / x.seconds / (y.uploads / y.seconds) for x, y in zip(a, b)])
+        a, b = runs.get((ours, TARGET_WORKERS), []), runs.get((theirs, TARGET_WORKERS), [])
+        return paired_median([x.uploads / x.seconds for x in a], [y.uploads / y.seconds for y in b])
 
     checks = []
     for ours, theirs, target in TARGETS:

@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import shutil
@@ -38,7 +39,10 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import MB, environment_line, fmt_rate, fmt_ratio, log, md_table, median, sigterm_as_exit, versions
+from . import (
+    MB, environment_line, fmt_rate, fmt_ratio, log, md_table, median, paired_median, sigterm_as_exit,
+    versions,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -238,6 +242,10 @@ def replay_cost(make: Callable[[str], Any], size: int, read_size: int, repeat: i
     return (time.perf_counter() - t0) / repeat
 
 
+def _or_nan(value: Optional[float]) -> float:
+    return math.nan if value is None else value
+
+
 def report(results: Dict[str, Dict[str, Any]], size: int, runs: int, read_size: int) -> Tuple[str, bool]:
     # The best run is the headline: a run is short, and on a shared machine
     # other processes only ever make it slower (timeit's reasoning).
@@ -255,9 +263,10 @@ def report(results: Dict[str, Dict[str, Any]], size: int, runs: int, read_size: 
     # drift in the machine's speed between rounds cancels), the median of them:
     # a run is about 50 ms, and the best of each side alone moved by more than
     # the 3 % the target allows from one full run to the next.
-    paired = median([m / n for m, n in zip(results["throttled / memcached"]["rates"], results["none"]["rates"])])
+    none = results["none"]["rates"]
+    paired = _or_nan(paired_median(results["throttled / memcached"]["rates"], none))
     ok = (1 - paired) < TARGET_OVERHEAD
-    in_memory = median([m / n for m, n in zip(results["throttled / memory"]["rates"], results["none"]["rates"])])
+    in_memory = _or_nan(paired_median(results["throttled / memory"]["rates"], none))
     upload_time = size / (base * MB)
     replays = [f"{name}: {r['replay'] * 1e6:,.0f} µs ({r['replay'] / upload_time:.2%})"
                for name, r in results.items() if name != "none"]

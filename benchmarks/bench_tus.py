@@ -41,7 +41,10 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
-from . import MB, environment_line, fmt_rate, fmt_ratio, log, md_table, median, sigterm_as_exit, verdict, versions
+from . import (
+    MB, environment_line, fmt_rate, fmt_ratio, log, md_table, median, paired_median, sigterm_as_exit, verdict,
+    versions,
+)
 from .bench_e2e import App, Server, cpu_seconds, log_tail, stop_group
 
 MiB = 1 << 20
@@ -473,13 +476,10 @@ def report(results: Sequence[Result], timings: Dict[str, List[float]], runs: int
         return ra.rate / rb.rate
 
     def paired(a: str, b: str, body: str) -> Optional[float]:
-        """The median over rounds of each round's ratio: the two were measured
-        seconds apart, so a drift in the machine's speed between rounds (a
-        shared VM's) cancels out of it."""
         ra, rb = find(a, body), find(b, body)
-        if ra is None or rb is None or ra.error or rb.error or not ra.mbps or len(ra.mbps) != len(rb.mbps):
+        if ra is None or rb is None or ra.error or rb.error:
             return None
-        return median([x / y for x, y in zip(ra.mbps, rb.mbps)])
+        return paired_median(ra.mbps, rb.mbps)
 
     out = [f"## tus behind gunicorn, beside the Node tus server ({'quick' if quick else 'full'} run: "
            f"median of {runs})", "",

@@ -100,6 +100,16 @@ def _log(page: Any) -> List[Dict[str, Any]]:
     return answers
 
 
+def _throttle_uploads(page: Any, rate: int, cdp: Any = None) -> Any:
+    """Chromium sends at most ``rate`` bytes a second (-1: no limit), so a pause lands mid-PATCH."""
+    if cdp is None:
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": rate})
+    return cdp
+
+
 # A tus-js-client upload of the n-th picked file; resolves to its URL. ``pauseAt``
 # (bytes): abort there, wait, start again.
 TUS_UPLOAD = """async ({n, options, pauseAt}) => {
@@ -146,14 +156,10 @@ def test_tus_js_client_pauses_and_resumes(demo: Any, page: Any, scripts: Dict[st
     path = _file(tmp_path, "paused.bin", 6 * MiB)
     answers = _log(page)
     _open(page, demo.url + "/", scripts["tus"], path)
-    cdp = page.context.new_cdp_session(page)
-    cdp.send("Network.enable")
-    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
-                                                  "uploadThroughput": 4 * MiB})
+    cdp = _throttle_uploads(page, 4 * MiB)
     # One PATCH for the whole file (tus-js-client's default): the pause cuts it partway.
     url = page.evaluate(TUS_UPLOAD, {"n": 0, "options": {}, "pauseAt": 2 * MiB})
-    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
-                                                  "uploadThroughput": -1})
+    _throttle_uploads(page, -1, cdp)
     events = page.evaluate("window.__events")
     assert [e[0] for e in events] == ["pause", "start"], events
     stored = _stored(demo, url)
@@ -276,10 +282,7 @@ def test_uppy_pauses_and_resumes(demo: Any, page: Any, scripts: Dict[str, str], 
     path = _file(tmp_path, "uppy-paused.bin", 6 * MiB)
     answers = _log(page)
     _open(page, demo.url + "/", scripts["uppy"], path)
-    cdp = page.context.new_cdp_session(page)
-    cdp.send("Network.enable")
-    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
-                                                  "uploadThroughput": 4 * MiB})
+    _throttle_uploads(page, 4 * MiB)
     result = page.evaluate(UPPY_PAUSED, {"pauseAt": 2 * MiB})
     assert result["failed"] == [] and len(result["ok"]) == 1, result
     # pauseResume() answers whether the file is paused now: first yes, then no.

@@ -737,14 +737,9 @@ class _FsspecPendingWrite(PendingWrite):
 
     def _placed(self, path: str) -> None:
         """The bytes are under ``path``: the temp key goes now, or at :meth:`tidy`."""
-        if self.tidy_later:
-            self._stored_at = path
-            return
-        try:
-            self.storage.fs.rm_file(self._tmp)
-        except BACKEND_ERRORS as exc:
-            log.warning("uploadkit: stored %r but could not remove its temp key %r (%s);"
-                        " `uploadkit cleanup` removes it", path, self._tmp, _reason(exc))
+        self._stored_at = path
+        if not self.tidy_later:
+            self.tidy()
 
     def tidy(self) -> None:
         path, self._stored_at = self._stored_at, None
