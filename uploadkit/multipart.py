@@ -185,6 +185,8 @@ _DISPOSITION_PREFIX = b"Content-Disposition:"
 _DISPOSITION_LEN = len(_DISPOSITION_PREFIX)
 _FIELD_PREFIX = b'Content-Disposition: form-data; name="'
 _FIELD_PREFIX_LEN = len(_FIELD_PREFIX)
+_TYPE_LINE = b"\r\nContent-Type:"
+_TYPE_LINE_LEN = len(_TYPE_LINE)
 
 
 class MultipartDecoder:
@@ -547,14 +549,10 @@ class MultipartDecoder:
         self._parts += 1
         if limits.max_parts is not None and self._parts > limits.max_parts:
             raise TooManyParts(f"the body has more than {limits.max_parts} parts", limit=limits.max_parts)
-        if block.startswith(_DISPOSITION_PREFIX) and b"\r" not in block and b"\n" not in block:
-            # The common case: a lone Content-Disposition, as browsers send for a field.
-            try:
-                disposition = block[_DISPOSITION_LEN:].decode("utf-8").lstrip(" \t")
-            except UnicodeDecodeError:
-                raise MalformedMultipart(f"part {self._parts}: its headers are not UTF-8") from None
-            headers: HeaderList = (("Content-Disposition", disposition),)
-            content_type, charset, length = "", None, None
+        quick = self._browser_headers(block)
+        if quick is not None:
+            headers, disposition, content_type, charset = quick
+            length = None
         else:
             headers = tuple(self._parse_headers(block))
             disposition, content_type, charset, length = self._check_headers(headers)
@@ -595,6 +593,36 @@ class MultipartDecoder:
         # filename="" is a browser's "no file selected": skipped if its body is empty.
         self.state = State.SKIP if filename == "" else State.FIELD
         return self.state
+
+    def _browser_headers(self, block: bytes) -> Optional[Tuple[HeaderList, str, str, Optional[str]]]:
+        """The two header blocks browsers send, read without the general loop:
+        a lone Content-Disposition (a text field), or one followed by a
+        Content-Type (a file). Returns ``(headers, disposition, content type,
+        charset)`` exactly as :meth:`_parse_headers` and :meth:`_check_headers`
+        would, or None for any other block, which they then judge (and refuse,
+        with their message, when it breaks a rule)."""
+        if not block.startswith(_DISPOSITION_PREFIX):
+            return None
+        cr = block.find(b"\r")
+        if cr == -1:
+            if b"\n" in block:
+                return None
+            try:
+                disposition = block[_DISPOSITION_LEN:].decode("utf-8").lstrip(" \t")
+            except UnicodeDecodeError:
+                return None
+            return (("Content-Disposition", disposition),), disposition, "", None
+        if not block.startswith(_TYPE_LINE, cr) or block.find(b"\r", cr + 1) != -1 \
+                or block.count(b"\n") != 1 or self.limits.max_header_count < 2:
+            return None
+        try:
+            disposition = block[_DISPOSITION_LEN:cr].decode("utf-8").lstrip(" \t")
+            declared = block[cr + _TYPE_LINE_LEN:].decode("utf-8").lstrip(" \t")
+        except UnicodeDecodeError:
+            return None
+        content_type, options = parse_options_header(declared)
+        headers = (("Content-Disposition", disposition), ("Content-Type", declared))
+        return headers, disposition, content_type, options.get("charset")
 
     def _check_headers(self, headers: HeaderList) -> Tuple[str, str, Optional[str], Optional[int]]:
         """Checks for parts with several headers; returns the Content-Disposition,
