@@ -30,6 +30,9 @@ DISTRIBUTIONS = ("uploadkit", "multipart", "python-multipart", "Django", "stream
 
 MB = 1_000_000  # throughput is in decimal MB/s, like most tools print it
 
+#: A RAM disk (Linux's tmpfs), where the runs that must not measure a disk put their files.
+RAM_DISK = "/dev/shm"
+
 
 def log(message: str) -> None:
     """Progress goes to stderr, so stdout stays a clean Markdown report."""

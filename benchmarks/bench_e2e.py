@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import (
     MB,
+    RAM_DISK,
     environment_line,
     fmt_mib,
     fmt_rate,
@@ -60,9 +61,6 @@ class App:
     #: Temp files on a RAM disk (RAM_DISK) instead of the benchmark's temp dir.
     ram_disk: bool = False
 
-
-#: Where the RAM-disk variant keeps its temp files (Linux's tmpfs).
-RAM_DISK = "/dev/shm"
 
 
 APPS: Dict[str, App] = {a.key: a for a in [
