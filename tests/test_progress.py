@@ -445,16 +445,50 @@ def test_first_and_final_states_always_written() -> None:
     p, clock = listener(store)
     p.start(ctx(1000))
     p.advance(1000, 1000)  # same instant: throttled
-    p.processing()
+    p.processing()  # throttled too, and done comes first: never written
     p.done(ctx(1000))
-    assert store.states() == ["uploading", "processing", "done"]
+    assert store.states() == ["uploading", "done"]
     first = store.writes[0][1]
     assert first["received"] == 0 and first["size"] == 1000 and first["started_at"] == 1_700_000_000.0
     done = store.get("up-1")
     assert done is not None
     assert (done["state"], done["received"], done["size"], done["eta"]) == ("done", 1000, 1000, 0.0)
     # ttl: long while uploading, short once final
-    assert [ttl for *_, ttl in store.writes] == [300, 300, 60]
+    assert [ttl for *_, ttl in store.writes] == [300, 60]
+
+
+def test_processing_is_written_at_once_when_the_throttle_allows() -> None:
+    store = RecordingStore()
+    p, clock = listener(store)
+    p.start(ctx(1000))
+    clock.advance(0.3)
+    p.advance(1000, 1000)
+    clock.advance(0.3)  # the last write is an interval old
+    p.processing()
+    assert store.states() == ["uploading", "uploading", "processing"]
+    processing = store.writes[-1][1]
+    assert (processing["received"], processing["eta"]) == (1000, 0.0)
+    p.done(ctx(1000))
+    assert store.states()[-1] == "done"
+
+
+def test_processing_held_by_the_throttle_is_written_by_the_flusher() -> None:
+    # Real clock, so the flusher runs: a commit that outlasts the interval
+    # shows as processing, at most an interval after it began.
+    store = RecordingStore()
+    p = StoreProgress(store, "slow-commit", ProgressSettings(interval=0.2))
+    p.start(ctx(1000))
+    p.advance(1000, 1000)
+    began = time.monotonic()
+    p.processing()  # within the interval of the first write
+    assert store.states() == ["uploading"]
+    deadline = began + 2.0
+    while store.states()[-1] != "processing" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert store.states() == ["uploading", "processing"]
+    assert store.writes[-1][1]["received"] == 1000
+    p.done(ctx(1000))
+    assert store.states() == ["uploading", "processing", "done"]
 
 
 def test_writes_are_throttled_by_time() -> None:
@@ -467,7 +501,7 @@ def test_writes_are_throttled_by_time() -> None:
         p.advance(i * MiB, total)
     p.processing()
     p.done(ctx(total))
-    middle = store.states()[1:-2]
+    middle = [state for state in store.states()[1:-1] if state == "uploading"]
     # one write per 250 ms, not one per read
     assert 3 <= len(middle) <= 4, store.states()
     receiveds = [v["received"] for _, v, _ in store.writes]
@@ -549,6 +583,7 @@ def test_per_file_detail() -> None:
     files = store.get("up-1")["files"]  # type: ignore[index]
     assert files == [{"field": "file", "filename": "a.png", "received": 3000, "done": True},
                      {"field": "other", "filename": "b.txt", "received": 500, "done": False}]
+    clock.advance(0.3)
     p.processing()  # b had no file_end (skipped): still counted as done
     assert [f["done"] for f in store.get("up-1")["files"]] == [True, True]  # type: ignore[index]
 
@@ -561,7 +596,7 @@ def test_file_list_is_capped() -> None:
         info = file_info(f"f{i}", i)
         p.file_start(info)
         p.file_end(info)
-    p.processing()
+    p.done(ctx(None))
     value = store.get("up-1")
     assert value is not None
     assert [f["filename"] for f in value["files"]] == ["f7", "f8", "f9"]
@@ -571,7 +606,7 @@ def test_file_list_is_capped() -> None:
     p, clock = listener(store, ProgressSettings(max_files=0))  # no per-file detail at all
     p.start(ctx(None))
     p.file_start(file_info("a"))
-    p.processing()
+    p.done(ctx(None))
     value = store.get("up-1")
     assert value is not None and value["files"] == [] and value["file_count"] == 1
 
@@ -683,7 +718,10 @@ def test_listener_through_the_reader() -> None:
     assert value["files"] == [
         {"field": "file", "filename": "a.bin", "received": 300_000, "done": True},
         {"field": "file", "filename": "b.bin", "received": 5000, "done": True}]
-    assert store.states()[-2:] == ["processing", "done"]
+    # processing only when the throttle let it through before done.
+    states = store.states()
+    assert states[-1] == "done" and set(states[:-2]) <= {"uploading"}
+    assert states[-2] in ("uploading", "processing")
 
     store2 = RecordingStore()
     p2 = StoreProgress(store2, "r2")

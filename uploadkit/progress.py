@@ -172,8 +172,9 @@ class ProgressSettings:
     Between the first and the final state a write happens at most every
     ``interval`` seconds, and only once the upload moved by ``min_percent`` of
     its size or ``refresh`` seconds passed since the last write. The first
-    state, file boundaries (subject to ``interval``), ``processing``, ``done``
-    and ``error`` are always written.
+    state, ``done`` and ``error`` are always written; file boundaries and
+    ``processing`` as soon as ``interval`` allows (``processing`` not at all
+    when the upload ends first).
     """
 
     #: Shortest time between two intermediate writes: 4 a second is smoother
@@ -986,14 +987,24 @@ class StoreProgress(ProgressListener):
             log.exception("uploadkit: progress listener failed in file_end")
 
     def _processing(self) -> None:
+        """The last byte is in; commits and thumbnails run. An intermediate
+        state like any other: written now when the throttle allows, else at
+        its next chance by the flusher, and not at all when ``done`` (or an
+        error) comes first, as it does for most uploads within the interval.
+        That is one store round trip fewer for them; a poller sees the state
+        at most ``interval`` late when the work takes longer."""
         try:
             if self._final:
                 return
             self.state = "processing"
-            self._t_end = self._clock()
+            self._t_end = now = self._clock()
             for state in self._files:  # skipped files get no file_end
                 state.done = True
-            self._write(self._clock())
+            self._dirty = True
+            if now >= self._next_time:
+                self._write(now)
+            else:
+                self._arm(self._next_time)
         except Exception:
             log.exception("uploadkit: progress listener failed in processing")
 
