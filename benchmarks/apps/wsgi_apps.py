@@ -42,6 +42,39 @@ read_1m = _reader(1 << 20)
 read_64k = _reader(64 << 10)
 
 
+def read_sha256_write(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """uploadkit's work on a one-file body, done by hand in one thread: the
+    body read in 1 MiB reads, hashed, written to a temp file in 64 KiB writes
+    (uploadkit's write size), the file removed. No parse and no sniffing: a
+    ceiling for an app that keeps and hashes what it receives."""
+    import hashlib
+    import os
+    import tempfile
+
+    if environ["REQUEST_METHOD"] != "POST":
+        return _json(start_response, {"ready": True})
+    left = int(environ.get("CONTENT_LENGTH") or 0)
+    read = environ["wsgi.input"].read
+    digest = hashlib.sha256()
+    total = 0
+    fd, path = tempfile.mkstemp(dir=bench_tmpdir(), prefix="bench-by-hand-")
+    try:
+        while left > 0:
+            chunk = read(min(1 << 20, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            view = memoryview(chunk)
+            for start in range(0, len(chunk), 64 << 10):
+                os.write(fd, view[start:start + (64 << 10)])
+            total += len(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return _json(start_response, {"size": total, "sha256": digest.hexdigest()})
+
+
 def _uploadkit_inner(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     if environ["REQUEST_METHOD"] != "POST":
         return _json(start_response, {"ready": True})
