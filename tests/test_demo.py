@@ -124,6 +124,23 @@ def test_demo_command_refuses_with_json_and_stops_on_terminate(storage_dir: str)
         demo.expect("stopped")
 
 
+def test_demo_command_stops_on_sigint_when_started_with_it_ignored(storage_dir: str) -> None:
+    # A script's background job (`uploadkit demo &`) starts with SIGINT
+    # ignored, and Python then raises no KeyboardInterrupt on its own.
+    ignoring = [sys.executable, "-c",
+                "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "os.execv(sys.argv[1], sys.argv[1:])",
+                _console_script(), "demo", "--port", "0", "--storage", "file://" + storage_dir]
+    with Command(ignoring) as demo:
+        with open(f"/proc/{demo.proc.pid}/status") as status:  # type: ignore[union-attr]
+            ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored & (1 << (signal.SIGINT - 1)) == 0  # the server took SIGINT back
+        assert requests.get(demo.url + "/", timeout=TIMEOUT).status_code == 200
+        demo.signal(signal.SIGINT)
+        assert demo.wait(timeout=TIMEOUT) == 0
+        demo.expect("stopped")
+
+
 def test_demo_command_serves_tus_at_upload_tus(storage_dir: str) -> None:
     from tusclient import client as tus_client
 

@@ -98,19 +98,24 @@ class BackgroundServer:
 def serve_until_stopped(server: ThreadingWSGIServer, banner: Sequence[str] = ()) -> int:
     """Print ``banner`` (its first line should carry the URL), then serve until
     Ctrl+C or SIGTERM (a service manager, ``kill``), and close. Returns 0."""
-    for line in banner:
-        print(line, flush=True)
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        # SIGINT too: a process started in the background by a script
+        # inherits SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt, so the server would ignore Ctrl+C and kill -INT.
+        # Before the banner: once the URL is out, the signals work.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _interrupt)
     try:
+        for line in banner:
+            print(line, flush=True)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
     finally:
         server.server_close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 
