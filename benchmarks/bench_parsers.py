@@ -722,7 +722,7 @@ def _ratio(a: Optional[Measure], b: Optional[Measure]) -> Optional[float]:
 def _paired_ratio(a: Measure, b: Measure) -> Optional[float]:
     """How much faster ``a`` was than ``b``, the median of each round's own
     ratio (the two ran in the same round, seconds apart); None when a run is missing."""
-    return paired_median(b.seconds, a.seconds) if len(a.seconds) == len(b.seconds) else None
+    return paired_median(b.seconds, a.seconds)
 
 
 def report(measures: Sequence[Measure], bodies: Sequence[Body], runs: int, quick: bool) -> str:
@@ -767,7 +767,8 @@ def report(measures: Sequence[Measure], bodies: Sequence[Body], runs: int, quick
     # The 500-file targets are judged on the RAM disk when it ran (see
     # _measure_on_ram_disk); the disk's ratios are shown as information.
     judged = "files-ram" if any(b.key == "files-ram" for b in bodies) else "files"
-    for key in dict.fromkeys([judged, "files"]):
+    many_files = list(dict.fromkeys([judged, "files"]))  # the RAM disk's first, when it ran
+    for key in many_files:
         target = 1.2 if key == judged else None
         check("uploadkit (sha256 + sniffing) / push parser + sha256 + filetype by hand", key,
               "uploadkit", "multipart-by-hand", target)
@@ -777,11 +778,11 @@ def report(measures: Sequence[Measure], bodies: Sequence[Body], runs: int, quick
     check("uploadkit (sha256 + sniffing) / read + sha256 alone", "big", "uploadkit", "sha256", 0.85)
     check("uploadkit (sha256 + sniffing) / push parser + sha256 + filetype by hand", "big",
           "uploadkit", "multipart-by-hand", None)
-    for key in dict.fromkeys([judged, "files"]):
+    for key in many_files:
         check("uploadkit (sha256 + sniffing) / bare push parser", key, "uploadkit", "multipart", None)
     for key in dict.fromkeys(["big", judged, "files", "fields"]):
         check("uploadkit (no hashing) / bare push parser", key, "uploadkit-nohash", "multipart", None)
-    for key in dict.fromkeys([judged, "files"]):
+    for key in many_files:
         floor, ours = _best(measures, key, "write-files"), _best(measures, key, "uploadkit")
         if floor is not None and ours is not None:
             checks.append(["the filesystem's share of uploadkit's time (files written, no parse)", key,

@@ -5,7 +5,10 @@ Served as ``benchmarks.apps.wsgi_apps:<name>``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from typing import Any, Callable, Dict, Iterable
 
 from . import bench_tmpdir
@@ -47,10 +50,6 @@ def read_sha256_write(environ: Environ, start_response: StartResponse) -> Iterab
     body read in 1 MiB reads, hashed, written to a temp file in 64 KiB writes
     (uploadkit's write size), the file removed. No parse and no sniffing: a
     ceiling for an app that keeps and hashes what it receives."""
-    import hashlib
-    import os
-    import tempfile
-
     if environ["REQUEST_METHOD"] != "POST":
         return _json(start_response, {"ready": True})
     left = int(environ.get("CONTENT_LENGTH") or 0)
