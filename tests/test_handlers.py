@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ from uploadkit.handlers import (
     WRITE_SIZE,
     TempFileHandler,
     UploadHandler,
+    write_all,
 )
 from uploadkit.limits import Limits
 from uploadkit.middleware import UploadMiddleware
@@ -239,9 +241,50 @@ def test_megabyte_chunks_reach_the_disk_in_small_writes(tmp_path: Any, monkeypat
     if short:
         assert len(asked) >= len(data) // 1000
     else:
-        # Full pieces, but for the tail of each chunk the parser passed on (one per read).
-        assert sum(asked) == len(data) and sum(n < WRITE_SIZE for n in asked) <= 5
+        # Pieces cut on the file's WRITE_SIZE blocks (the file starts after
+        # the part's headers, mid-read): short ones only where a chunk the
+        # parser passed on begins or ends, two for each of its reads at most.
+        ends = itertools.accumulate(asked)
+        assert sum(asked) == len(data) and sum(e % WRITE_SIZE != 0 for e in ends) <= 8
+        assert sum(n < WRITE_SIZE for n in asked) <= 16
     p.close()
+
+
+@pytest.mark.parametrize("offset", [0, 1, 200, WRITE_SIZE - 1, WRITE_SIZE, 5 * WRITE_SIZE + 77])
+@pytest.mark.parametrize("size", [1, 300, WRITE_SIZE, 3 * WRITE_SIZE + 11])
+@pytest.mark.parametrize("short", [False, True], ids=["whole writes", "short writes"])
+def test_write_all_cuts_its_pieces_on_the_files_blocks(tmp_path: Any, monkeypatch: Any, offset: int, size: int,
+                                                       short: bool) -> None:
+    """Each piece lies within one WRITE_SIZE block of the file, counted from
+    where the data lands, and every piece but the last ends on a block: no
+    write straddles a boundary, even after the kernel cut one short."""
+    pieces: List[Tuple[int, int]] = []  # (start, end) in the file, as written
+    real_write = os.write
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"x" * offset)
+    data = _pattern(size)
+
+    def write(fd: int, piece: Any) -> int:
+        done = real_write(fd, piece[:100] if short and len(piece) > 100 else piece)
+        start = pieces[-1][1] if pieces else offset
+        pieces.append((start, start + done))
+        return done
+
+    monkeypatch.setattr(os, "write", write)
+    try:
+        write_all(fd, data, offset)
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+    assert path.read_bytes() == b"x" * offset + data
+    assert pieces[0][0] == offset and pieces[-1][1] == offset + size
+    for start, stop in pieces:
+        assert 0 < stop - start <= WRITE_SIZE
+        assert start // WRITE_SIZE == (stop - 1) // WRITE_SIZE, (start, stop)
+    if not short:
+        assert all(stop % WRITE_SIZE == 0 for _, stop in pieces[:-1])
+        assert len(pieces) == -(-(offset % WRITE_SIZE + size) // WRITE_SIZE)
 
 
 # -- HashingHandler -----------------------------------------------------------------

@@ -895,3 +895,37 @@ def test_the_progress_id_sent_on_creation_names_the_progress(tmp_path: Any) -> N
         assert requests.post(f"{srv.url}/upload/tus/", headers={**T, "Upload-Length": "1",
                                                                 "X-Progress-ID": "no spaces"},
                              timeout=10).status_code == 400
+
+
+def test_a_patch_appends_in_pieces_cut_on_the_files_blocks(tmp_path: Any, monkeypatch: Any) -> None:
+    """A PATCH resumes where the last one stopped, anywhere in a block: its
+    first piece fills that block, the next ones cover whole blocks, as the
+    file's position (not the request's first byte) decides where they are cut."""
+    from uploadkit.handlers import WRITE_SIZE
+    from uploadkit.resumable import FileLease, UploadArea
+
+    area = UploadArea(str(tmp_path))
+    upload_id = "a" * 32
+    with open(area.data_path(upload_id), "wb") as f:
+        f.write(b"x" * 1000)  # what an earlier PATCH stored
+    lease = FileLease(str(tmp_path / "locks" / "x.lock"), timeout=5)
+    lease.acquire(1.0)
+    sizes = []
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        sizes.append(len(data))
+        return real_write(fd, data)
+
+    appender = area.appender(upload_id, lease)
+    monkeypatch.setattr(os, "write", write)
+    try:
+        appender.write(b"y" * (2 * WRITE_SIZE))
+        appender.write(b"z" * (WRITE_SIZE + 5))
+    finally:
+        monkeypatch.undo()
+        appender.close()
+        lease.release()
+    assert sizes == [WRITE_SIZE - 1000, WRITE_SIZE, 1000, WRITE_SIZE - 1000, 1005]
+    with open(area.data_path(upload_id), "rb") as f:
+        assert f.read() == b"x" * 1000 + b"y" * (2 * WRITE_SIZE) + b"z" * (WRITE_SIZE + 5)

@@ -398,11 +398,18 @@ class _LocalAppender(Appender):
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         except OSError as exc:
             raise StorageUnavailable(f"cannot open an upload's data: {exc.strerror or exc}") from None
+        try:
+            # Where the appends land: write_all cuts its pieces on the file's blocks.
+            self._end = os.fstat(self.fd).st_size
+        except OSError as exc:
+            os.close(self.fd)
+            raise StorageUnavailable(f"cannot open an upload's data: {exc.strerror or exc}") from None
 
     def write(self, data: bytes) -> None:
         with self.lease.fenced():
             try:
-                write_all(self.fd, data)
+                write_all(self.fd, data, self._end)
+                self._end += len(data)
             except OSError as exc:
                 raise StorageUnavailable(f"writing an upload's data failed: {exc.strerror or exc}") from None
 
