@@ -91,7 +91,7 @@ def environment_line() -> str:
             f"{os.cpu_count()} CPUs, load average {load}")
 
 
-def median(values: List[float]) -> float:
+def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 

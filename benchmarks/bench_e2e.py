@@ -19,6 +19,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -50,6 +51,8 @@ from .bodies import KiB, MiB, write_payload
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = "/upload"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+#: The cores the worker and curl share.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -60,19 +63,40 @@ class App:
     kind: str  # "baseline", "uploadkit" or "peer"
     #: Temp files on a RAM disk (RAM_DISK) instead of the benchmark's temp dir.
     ram_disk: bool = False
+    #: Extra environment for gunicorn and its worker.
+    env: Tuple[Tuple[str, str], ...] = ()
 
+
+#: glibc told to keep freed memory: no trimming of the heap's top, no mmap for
+#: blocks under 16 MiB. By default glibc gives the top of the heap back to the
+#: kernel once more than twice its mmap threshold (about 2 MiB after the first
+#: 1 MiB block) is free there; a worker whose buffers all die between two reads
+#: then faults every page of the next read's buffers in again. Whether that
+#: happens depends on what else lives on the heap, so a read-only app runs at
+#: one speed or another from one process to the next (see benchmarks/README.md).
+KEEP_FREED_MEMORY = (("MALLOC_TRIM_THRESHOLD_", str(128 * 1024 * 1024)),
+                     ("MALLOC_MMAP_THRESHOLD_", str(16 * 1024 * 1024)))
+_KEPT = "glibc keeping freed memory"
 
 
 APPS: Dict[str, App] = {a.key: a for a in [
     App("read-1m", "read-only app, 1 MiB reads", "benchmarks.apps.wsgi_apps:read_1m", "baseline"),
+    App("read-1m-kept", f"read-only app, 1 MiB reads, {_KEPT}", "benchmarks.apps.wsgi_apps:read_1m", "baseline",
+        env=KEEP_FREED_MEMORY),
     App("read-64k", "read-only app, 64 KiB reads", "benchmarks.apps.wsgi_apps:read_64k", "baseline"),
     App("by-hand", "read + sha256 + temp file, by hand (1 MiB reads, one thread, no parse)",
         "benchmarks.apps.wsgi_apps:read_sha256_write", "baseline"),
+    App("by-hand-kept", f"the same by hand, {_KEPT}", "benchmarks.apps.wsgi_apps:read_sha256_write", "baseline",
+        env=KEEP_FREED_MEMORY),
     App("uploadkit", "uploadkit UploadMiddleware (sha256 + sniffing, temp file)",
         "benchmarks.apps.wsgi_apps:uploadkit_app", "uploadkit"),
     App("uploadkit-ram", f"uploadkit, the same, temp file on a RAM disk ({RAM_DISK})",
         "benchmarks.apps.wsgi_apps:uploadkit_app", "uploadkit", ram_disk=True),
+    App("uploadkit-kept", f"uploadkit, the same, {_KEPT}", "benchmarks.apps.wsgi_apps:uploadkit_app", "uploadkit",
+        env=KEEP_FREED_MEMORY),
     App("django", "Django request.FILES", "benchmarks.apps.django_project.wsgi:application", "peer"),
+    App("django-kept", f"Django request.FILES, {_KEPT}", "benchmarks.apps.django_project.wsgi:application", "peer",
+        env=KEEP_FREED_MEMORY),
     App("multipart", "multipart.parse_form_data", "benchmarks.apps.wsgi_apps:multipart_app", "peer"),
     App("flask", "Flask request.files", "benchmarks.apps.flask_app:app", "peer"),
 ]}
@@ -107,6 +131,7 @@ class Server:
                        DJANGO_SETTINGS_MODULE="benchmarks.apps.django_project.settings",
                        PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
             env[TMPDIR_ENV] = app_tmpdir
+            env.update(self.app.env)
             cmd = [sys.executable, "-m", "gunicorn", *self.worker_args,
                    "--bind", f"fd://{fd}", "--timeout", "300", "--graceful-timeout", "5",
                    "--log-level", "warning", "--chdir", REPO_ROOT, self.app.target]
@@ -161,6 +186,10 @@ class Server:
         """User and system time the workers used so far, all threads."""
         return cpu_seconds(self.workers())
 
+    def worker_minor_faults(self) -> Optional[int]:
+        """Minor page faults of the workers so far, all threads."""
+        return minor_faults(self.workers())
+
     def worker_peak_rss_kib(self) -> Optional[int]:
         """VmHWM of the worker(s)."""
         peak = None
@@ -200,20 +229,32 @@ def log_tail(path: str) -> str:
         return ""
 
 
-def cpu_seconds(pids: List[int]) -> Optional[Tuple[float, float]]:
-    """User and system time these processes used so far (all their threads), or None."""
-    user = system = 0.0
-    found = False
+def _stat_fields(pids: List[int]) -> List[List[str]]:
+    """The fields of ``/proc/<pid>/stat`` after the command name, for each
+    process still there (process-wide: threads that ended are counted in)."""
+    found = []
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                found.append(f.read().rsplit(")", 1)[1].split())
         except OSError:
             continue
-        user += int(fields[11]) / _CLOCK_TICKS  # utime
-        system += int(fields[12]) / _CLOCK_TICKS  # stime
-        found = True
-    return (user, system) if found else None
+    return found
+
+
+def cpu_seconds(pids: List[int]) -> Optional[Tuple[float, float]]:
+    """User and system time these processes used so far (all their threads), or None."""
+    found = _stat_fields(pids)
+    if not found:
+        return None
+    return (sum(int(f[11]) for f in found) / _CLOCK_TICKS,  # utime
+            sum(int(f[12]) for f in found) / _CLOCK_TICKS)  # stime
+
+
+def minor_faults(pids: List[int]) -> Optional[int]:
+    """Minor page faults of these processes so far (all their threads), or None."""
+    found = _stat_fields(pids)
+    return sum(int(f[7]) for f in found) if found else None  # minflt
 
 
 def stop_group(proc: "subprocess.Popen[bytes]") -> None:
@@ -242,11 +283,17 @@ def stop_group(proc: "subprocess.Popen[bytes]") -> None:
 @dataclass
 class Result:
     app: App
-    seconds: List[float] = field(default_factory=list)
     mbps: List[float] = field(default_factory=list)
     cpu: List[float] = field(default_factory=list)
     #: The system part of each ``cpu``.
     system: List[float] = field(default_factory=list)
+    #: The worker's minor page faults per upload.
+    faults: List[int] = field(default_factory=list)
+    #: curl's CPU seconds per upload (it runs on the same cores).
+    client_cpu: List[float] = field(default_factory=list)
+    #: Per upload, the fastest the worker's and curl's CPU time allow on this
+    #: machine's cores, were it spread perfectly over them (MB/s).
+    bound: List[float] = field(default_factory=list)
     rss_kib: Optional[int] = None
     error: Optional[str] = None
 
@@ -255,8 +302,9 @@ class Result:
         return None if self.error or not self.mbps else median(self.mbps)
 
 
-def upload(server: Server, payload: str, expect_size: int, timeout: float) -> float:
-    """One curl upload; returns MB/s of the request body. Raises on any mismatch."""
+def upload(server: Server, payload: str, expect_size: int, timeout: float) -> Tuple[float, float]:
+    """One curl upload; returns MB/s of the request body and its size in MB.
+    Raises on any mismatch."""
     out = os.path.join(os.path.dirname(server.tmpdir), f"response-{server.app.key}.json")
     cmd = ["curl", "--silent", "--show-error", "--noproxy", "*", "--max-time", str(int(timeout)),
            "-o", out, "-w", "%{http_code} %{time_total} %{size_upload}", "-H", "Expect:",
@@ -275,7 +323,13 @@ def upload(server: Server, payload: str, expect_size: int, timeout: float) -> fl
     want = body_size if server.app.kind == "baseline" else expect_size
     if size != want:
         raise RuntimeError(f"the app saw {size} bytes, expected {want}")
-    return body_size / MB / float(seconds)
+    return body_size / MB / float(seconds), body_size / MB
+
+
+def _children_cpu_seconds() -> float:
+    """User + system time of this process's waited-for children (the curls)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run(apps: Sequence[App], size: int, runs: int, workdir: str) -> List[Result]:
@@ -305,15 +359,23 @@ def run(apps: Sequence[App], size: int, runs: int, workdir: str) -> List[Result]
                     # earlier benchmark) left dirty, so each upload starts on
                     # an idle disk instead of paying for the one before.
                     os.sync()
-                    cpu_before = server.worker_cpu_seconds()
-                    r.mbps.append(upload(server, payload, size, timeout))
-                    cpu_after = server.worker_cpu_seconds()
+                    cpu_before, faults_before = server.worker_cpu_seconds(), server.worker_minor_faults()
+                    client_before = _children_cpu_seconds()
+                    rate, body_mb = upload(server, payload, size, timeout)
+                    r.mbps.append(rate)
+                    r.client_cpu.append(_children_cpu_seconds() - client_before)
+                    cpu_after, faults_after = server.worker_cpu_seconds(), server.worker_minor_faults()
                     used = ""
                     if cpu_before is not None and cpu_after is not None:
                         user, system = (a - b for a, b in zip(cpu_after, cpu_before))
                         r.cpu.append(user + system)
                         r.system.append(system)
+                        r.bound.append(body_mb / ((user + system + r.client_cpu[-1]) / CORES))
                         used = f", worker CPU {user + system:.2f} s ({system:.2f} s system)"
+                    if faults_before is not None and faults_after is not None:
+                        r.faults.append(faults_after - faults_before)
+                        used += f", {r.faults[-1]:,} minor faults"
+                    used += f", curl CPU {r.client_cpu[-1]:.2f} s"
                     log(f"[e2e] run {i + 1}/{runs} {r.app.key}: {r.mbps[-1]:.0f} MB/s{used}")
                 except Exception as exc:
                     r.error = str(exc)[:300]
@@ -329,53 +391,68 @@ def run(apps: Sequence[App], size: int, runs: int, workdir: str) -> List[Result]
 def report(results: Sequence[Result], size: int, runs: int, quick: bool) -> str:
     by_key = {r.app.key: r for r in results}
 
-    def ratio(a: str, b: str) -> Optional[float]:
-        ra, rb = by_key.get(a), by_key.get(b)
-        if ra is None or rb is None or not ra.rate or not rb.rate:
-            return None
-        return ra.rate / rb.rate
+    def series(key: str, what: str) -> List[float]:
+        """An app's per-upload figures: ``mbps`` or ``bound``; empty when it failed."""
+        r = by_key.get(key)
+        return [] if r is None or r.error else list(getattr(r, what))
+
+    def ratio(a: str, b: str, what: str = "mbps") -> Optional[float]:
+        ours, theirs = series(a, what), series(b, "mbps")
+        return median(ours) / median(theirs) if ours and theirs else None
 
     rows = []
     for r in results:
         if r.error:
-            rows.append([r.app.label, "error", "", "", "", "", r.error[:120]])
+            rows.append([r.app.label, "error", "", "", "", "", "", "", "", r.error[:120]])
             continue
         cpu = f"{median(r.cpu):.2f} ({median(r.system):.2f})" if r.cpu else "n/a"
-        rows.append([r.app.label, fmt_rate(r.rate), cpu, fmt_mib(r.rss_kib),
+        faults = f"{median(r.faults):,.0f}" if r.faults else "n/a"
+        client = f"{median(r.client_cpu):.2f}" if r.client_cpu else "n/a"
+        bound = fmt_rate(median(r.bound)) if r.bound else "n/a"
+        rows.append([r.app.label, fmt_rate(r.rate), cpu, faults, client, bound, fmt_mib(r.rss_kib),
                      fmt_ratio(ratio(r.app.key, "read-1m")), fmt_ratio(ratio(r.app.key, "django")), ""])
     out = [f"## End to end behind gunicorn ({'quick' if quick else 'full'} run: median of {runs})", "",
            environment_line() + ".  ", versions() + ".", "",
            f"curl uploads one {size // MiB} MiB file (`-F file=@...`, no `Expect: 100-continue`) to "
            "gunicorn (1 sync worker) on 127.0.0.1; MB/s = request body bytes (10^6) per second as timed "
            "by curl; worker CPU s = the worker's user + system time per upload, its system part in "
-           "brackets (less sensitive to other load than MB/s); peak RSS = the worker's VmHWM.", "",
-           md_table(["app", "MB/s", "worker CPU s (system)", "worker peak RSS", "vs read-only (1 MiB)", "vs Django",
-                     "note"], rows, "lrrrrrl"), ""]
+           "brackets (less sensitive to other load than MB/s); minor faults = the worker's page faults "
+           "per upload (pages it had to be given afresh); curl CPU s = the client's time on the same "
+           f"cores; CPU bound = the body's MB over (worker CPU + curl CPU) / {CORES} cores: the fastest "
+           "that work could go were it spread perfectly over the cores; peak RSS = the worker's VmHWM. "
+           f"Rows \"{_KEPT}\": the same app with `" + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY)
+           + "` in gunicorn's environment.", "",
+           md_table(["app", "MB/s", "worker CPU s (system)", "minor faults", "curl CPU s", "CPU bound MB/s",
+                     "worker peak RSS", "vs read-only (1 MiB)", "vs Django", "note"], rows, "lrrrrrrrrl"), ""]
     checks = []
 
-    def paired(a: str, b: str) -> Optional[float]:
-        ra, rb = by_key.get(a), by_key.get(b)
-        if ra is None or rb is None or ra.error or rb.error:
-            return None
-        return paired_median(ra.mbps, rb.mbps)
-
-    def check(name: str, a: str, b: str, target: Optional[float]) -> None:
-        value, judged = ratio(a, b), paired(a, b)
-        if value is not None:
-            judged = value if judged is None else judged
-            checks.append([name, fmt_ratio(value), fmt_ratio(judged),
-                           f">= {target:.2f}" if target is not None else "",
-                           verdict(judged, target) if target is not None else "info"])
+    def check(name: str, a: str, b: str, target: Optional[float], what: str = "mbps") -> None:
+        value = ratio(a, b, what)
+        if value is None:
+            return
+        judged = paired_median(series(a, what), series(b, "mbps"))
+        judged = value if judged is None else judged
+        checks.append([name, fmt_ratio(value), fmt_ratio(judged),
+                       f">= {target:.2f}" if target is not None else "",
+                       verdict(judged, target) if target is not None else "info"])
 
     # The middleware reads 1 MiB at a time (after a short ramp from 64 KiB),
     # so its ceiling is the read-only app at 1 MiB reads.
     check("uploadkit / read-only app, same read size (1 MiB): the server's ceiling", "uploadkit", "read-1m", 0.90)
-    check("uploadkit, temp file on a RAM disk / read-only app (1 MiB)", "uploadkit-ram", "read-1m", None)
-    # The same work (sha256, a temp file) by hand: what the read-only app's
-    # ceiling leaves out.
+    # The ceiling's own speed depends on whether glibc trims the worker's heap
+    # between reads (its minor faults show which); kept, it is the server's.
+    check(f"uploadkit / read-only app (1 MiB), both {_KEPT}", "uploadkit-kept", "read-1m-kept", None)
+    # What the CPU time allows: uploadkit's worker hashes on a second thread
+    # and curl needs a core too, so two cores bound the upload, not one thread.
+    check("uploadkit's CPU bound / read-only app (1 MiB): the most its CPU time allows", "uploadkit", "read-1m",
+          None, "bound")
+    check(f"the same, both {_KEPT}", "uploadkit-kept", "read-1m-kept", None, "bound")
     check("uploadkit / read + sha256 + temp file by hand", "uploadkit", "by-hand", None)
+    check(f"the same, both {_KEPT}", "uploadkit-kept", "by-hand-kept", None)
     check("read + sha256 + temp file by hand / read-only app (1 MiB)", "by-hand", "read-1m", None)
+    check("uploadkit, temp file on a RAM disk / read-only app (1 MiB)", "uploadkit-ram", "read-1m", None)
     check("uploadkit / Django", "uploadkit", "django", 2.0)
+    check(f"the same, both {_KEPT}", "uploadkit-kept", "django-kept", None)
     for key in ("multipart", "flask"):
         check(f"uploadkit / {APPS[key].label}", "uploadkit", key, None)
     if checks:

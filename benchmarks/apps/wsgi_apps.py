@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, List
 
 from . import bench_tmpdir
 
@@ -45,11 +45,24 @@ read_1m = _reader(1 << 20)
 read_64k = _reader(64 << 10)
 
 
+class _RemovedOnClose(List[bytes]):
+    """A response body whose ``close()`` removes a file: the server calls it
+    once the response is sent, which is when uploadkit removes its temp files."""
+
+    def __init__(self, body: Iterable[bytes], path: str) -> None:
+        super().__init__(body)
+        self.path = path
+
+    def close(self) -> None:
+        os.unlink(self.path)
+
+
 def read_sha256_write(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     """uploadkit's work on a one-file body, done by hand in one thread: the
     body read in 1 MiB reads, hashed, written to a temp file in 64 KiB writes
-    (uploadkit's write size), the file removed. No parse and no sniffing: a
-    ceiling for an app that keeps and hashes what it receives."""
+    (uploadkit's write size), the file removed once the response is sent (as
+    uploadkit's are). No parse and no sniffing: a ceiling for an app that
+    keeps and hashes what it receives."""
     if environ["REQUEST_METHOD"] != "POST":
         return _json(start_response, {"ready": True})
     left = int(environ.get("CONTENT_LENGTH") or 0)
@@ -68,10 +81,12 @@ def read_sha256_write(environ: Environ, start_response: StartResponse) -> Iterab
                 os.write(fd, view[start:start + (64 << 10)])
             total += len(chunk)
             left -= len(chunk)
-    finally:
+    except BaseException:
         os.close(fd)
         os.unlink(path)
-    return _json(start_response, {"size": total, "sha256": digest.hexdigest()})
+        raise
+    os.close(fd)
+    return _RemovedOnClose(_json(start_response, {"size": total, "sha256": digest.hexdigest()}), path)
 
 
 def _uploadkit_inner(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
