@@ -186,9 +186,9 @@ class Server:
         """User and system time the workers used so far, all threads."""
         return cpu_seconds(self.workers())
 
-    def worker_minor_faults(self) -> Optional[int]:
-        """Minor page faults of the workers so far, all threads."""
-        return minor_faults(self.workers())
+    def worker_usage(self) -> Optional[Tuple[float, float, int]]:
+        """User and system time and minor page faults of the workers so far, all threads."""
+        return usage(self.workers())
 
     def worker_peak_rss_kib(self) -> Optional[int]:
         """VmHWM of the worker(s)."""
@@ -229,9 +229,10 @@ def log_tail(path: str) -> str:
         return ""
 
 
-def _stat_fields(pids: List[int]) -> List[List[str]]:
-    """The fields of ``/proc/<pid>/stat`` after the command name, for each
-    process still there (process-wide: threads that ended are counted in)."""
+def usage(pids: List[int]) -> Optional[Tuple[float, float, int]]:
+    """User and system time and minor page faults these processes used so far,
+    from ``/proc/<pid>/stat`` (process-wide: threads that ended are counted in),
+    or None when none of them is there."""
     found = []
     for pid in pids:
         try:
@@ -239,22 +240,17 @@ def _stat_fields(pids: List[int]) -> List[List[str]]:
                 found.append(f.read().rsplit(")", 1)[1].split())
         except OSError:
             continue
-    return found
+    if not found:
+        return None
+    return (sum(int(f[11]) for f in found) / _CLOCK_TICKS,  # utime
+            sum(int(f[12]) for f in found) / _CLOCK_TICKS,  # stime
+            sum(int(f[7]) for f in found))  # minflt
 
 
 def cpu_seconds(pids: List[int]) -> Optional[Tuple[float, float]]:
     """User and system time these processes used so far (all their threads), or None."""
-    found = _stat_fields(pids)
-    if not found:
-        return None
-    return (sum(int(f[11]) for f in found) / _CLOCK_TICKS,  # utime
-            sum(int(f[12]) for f in found) / _CLOCK_TICKS)  # stime
-
-
-def minor_faults(pids: List[int]) -> Optional[int]:
-    """Minor page faults of these processes so far (all their threads), or None."""
-    found = _stat_fields(pids)
-    return sum(int(f[7]) for f in found) if found else None  # minflt
+    used = usage(pids)
+    return None if used is None else used[:2]
 
 
 def stop_group(proc: "subprocess.Popen[bytes]") -> None:
@@ -359,22 +355,21 @@ def run(apps: Sequence[App], size: int, runs: int, workdir: str) -> List[Result]
                     # earlier benchmark) left dirty, so each upload starts on
                     # an idle disk instead of paying for the one before.
                     os.sync()
-                    cpu_before, faults_before = server.worker_cpu_seconds(), server.worker_minor_faults()
+                    before = server.worker_usage()
                     client_before = _children_cpu_seconds()
                     rate, body_mb = upload(server, payload, size, timeout)
                     r.mbps.append(rate)
                     r.client_cpu.append(_children_cpu_seconds() - client_before)
-                    cpu_after, faults_after = server.worker_cpu_seconds(), server.worker_minor_faults()
+                    after = server.worker_usage()
                     used = ""
-                    if cpu_before is not None and cpu_after is not None:
-                        user, system = (a - b for a, b in zip(cpu_after, cpu_before))
+                    if before is not None and after is not None:
+                        user, system = after[0] - before[0], after[1] - before[1]
                         r.cpu.append(user + system)
                         r.system.append(system)
+                        r.faults.append(after[2] - before[2])
                         r.bound.append(body_mb / ((user + system + r.client_cpu[-1]) / CORES))
-                        used = f", worker CPU {user + system:.2f} s ({system:.2f} s system)"
-                    if faults_before is not None and faults_after is not None:
-                        r.faults.append(faults_after - faults_before)
-                        used += f", {r.faults[-1]:,} minor faults"
+                        used = (f", worker CPU {user + system:.2f} s ({system:.2f} s system), "
+                                f"{r.faults[-1]:,} minor faults")
                     used += f", curl CPU {r.client_cpu[-1]:.2f} s"
                     log(f"[e2e] run {i + 1}/{runs} {r.app.key}: {r.mbps[-1]:.0f} MB/s{used}")
                 except Exception as exc:

@@ -573,7 +573,6 @@ class _LocalPendingWrite(PendingWrite):
     def __init__(self, storage: "Storage", key: Optional[str], collision: Collision) -> None:
         super().__init__(storage, key, collision)
         self._fd = -1
-        self._written = 0
         tmp_dir = storage._local_path(storage.temp_dir)
         self._tmp = os.path.join(tmp_dir, uuid.uuid4().hex + ".part")
         with _guard("start writing", key or "(upload)"):
@@ -583,8 +582,7 @@ class _LocalPendingWrite(PendingWrite):
     def _write(self, data: bytes) -> None:
         assert self._fd >= 0
         with _guard("write", self.key or "(upload)"):
-            write_all(self._fd, data, self._written)
-            self._written += len(data)
+            write_all(self._fd, data, self.size)  # size: the bytes written before these
 
     def _finish(self) -> None:
         fd, self._fd = self._fd, -1
